@@ -1,0 +1,13 @@
+"""mixtrain_tf: verifiably robust training (MixTrain) for TensorFlow / Keras."""
+
+from mixtrain_tf.api import (compute_bounds, margin_upper_bounds, per_sample_bytes,
+                             verified)
+from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
+from mixtrain_tf.graph import UnsupportedLayerError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IntervalBounds", "SymbolicBounds", "UnsupportedLayerError", "compute_bounds",
+    "margin_upper_bounds", "per_sample_bytes", "verified",
+]

@@ -1,0 +1,66 @@
+"""Interval bound propagation (MIXTRAIN.md 2.1)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from mixtrain_tf import ops
+from mixtrain_tf.bounds import IntervalBounds
+from mixtrain_tf.graph import BoundGraph
+
+
+def node_bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
+                stop: int | None = None) -> list[IntervalBounds]:
+  """Interval bounds of every node up to `stop` (default: all), as center/radius."""
+  stop = len(graph.nodes) if stop is None else stop
+  out = [IntervalBounds(lower, upper)]
+  for node in graph.nodes[1:stop]:
+    op = node.op
+    ins = [out[j] for j in node.inputs]
+    if isinstance(op, ops.ReluOp):
+      out.append(IntervalBounds(tf.nn.relu(ins[0].lower), tf.nn.relu(ins[0].upper)))
+    elif isinstance(op, ops.AddOp):
+      out.append(IntervalBounds(tf.add_n([b.lower for b in ins]),
+                                tf.add_n([b.upper for b in ins])))
+    else:
+      c = op.affine(ins[0].center)
+      r = op.abs_linear(ins[0].radius)
+      out.append(IntervalBounds(c - r, c + r))
+  return out
+
+
+def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
+           spec: tf.Tensor | None = None) -> IntervalBounds:
+  """Interval bounds of the output, or of `spec @ output` when spec [B, m, n] is given.
+
+  With a spec, it is folded into the last layer when that layer is affine: the
+  margins then get the interval bound of one affine map of the layer's input
+  (tighter than subtracting logit bounds).
+  """
+  last = graph.nodes[-1]
+  if spec is None:
+    return node_bounds(graph, lower, upper)[-1]
+  if isinstance(last.op, ops.AffineOp):
+    pre = node_bounds(graph, lower, upper, stop=len(graph.nodes) - 1)[last.inputs[0]]
+    op = last.op
+    rows = op.transpose(tf.reshape(spec, tf.concat(
+        [tf.shape(spec)[:2], op.out_shape], 0)))  # [B, m, *in_shape]
+    center = _rowdot(rows, pre.center)
+    b = op.bias()
+    if b is not None:
+      center += tf.linalg.matvec(
+          spec, tf.reshape(tf.broadcast_to(b, op.out_shape), [-1]))
+    rad = _rowdot(tf.abs(rows), pre.radius)
+    return IntervalBounds(center - rad, center + rad)
+  out = node_bounds(graph, lower, upper)[-1]
+  batch = tf.shape(spec)[0]
+  c = tf.linalg.matvec(spec, tf.reshape(out.center, [batch, -1]))
+  r = tf.linalg.matvec(tf.abs(spec), tf.reshape(out.radius, [batch, -1]))
+  return IntervalBounds(c - r, c + r)
+
+
+def _rowdot(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+  """sum over the trailing dims of rows [B, m, *s] * x [B, *s] -> [B, m]."""
+  b = tf.shape(rows)[0]
+  m = tf.shape(rows)[1]
+  return tf.einsum("bmk,bk->bm", tf.reshape(rows, [b, m, -1]), tf.reshape(x, [b, -1]))

@@ -1,0 +1,265 @@
+"""Bound operators: what each supported Keras layer hands to the bound engines.
+
+A Keras layer only hands over its weights; the maths of each bound method lives in
+`mixtrain_tf.interval` and `mixtrain_tf.symbolic`. Every operator here is one of
+
+* `AffineOp`: y = L(x) + b for a linear map L (Dense, Conv2D, normalization,
+  Flatten, Reshape, ZeroPadding2D, AveragePooling2D, identity layers);
+* `ReluOp`: y = max(x, 0);
+* `AddOp`: y = x1 + x2 + ... (residual connections).
+
+Affine operators expose the linear map on a batch (`linear`), its transpose
+(`transpose`, the vector-Jacobian product), the map with absolute weights
+(`abs_linear`, for interval radii) and, for spatial operators, the structural
+(which-position-feeds-which) map used to compress symbolic bounds.
+
+All tensors are float32 with a leading batch dimension; weights are read from the
+layer's variables at call time, so gradients reach them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+def _f32(v) -> tf.Tensor:
+  return tf.cast(tf.convert_to_tensor(v), tf.float32)
+
+
+def _merge(x: tf.Tensor, rank: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Folds all leading dims of `x` except the last `rank` into one batch dim."""
+  shape = tf.shape(x)
+  lead = shape[: tf.rank(x) - rank]
+  tail = shape[tf.rank(x) - rank :]
+  return tf.reshape(x, tf.concat([[-1], tail], 0)), lead
+
+
+def _split(x: tf.Tensor, lead: tf.Tensor) -> tf.Tensor:
+  return tf.reshape(x, tf.concat([lead, tf.shape(x)[1:]], 0))
+
+
+class BoundOp:
+  """Base class of bound operators. `in_shape`/`out_shape` exclude the batch."""
+
+  in_shape: tuple[int, ...] = ()
+  out_shape: tuple[int, ...] = ()
+
+
+class ReluOp(BoundOp):
+  pass
+
+
+class AddOp(BoundOp):
+  pass
+
+
+class InputOp(BoundOp):
+  pass
+
+
+class AffineOp(BoundOp):
+  """y = L(x) + b. Subclasses implement `_linear`, `_transpose`, `_abs_linear`."""
+
+  #: False for operators that move or scale single values (permutations,
+  #: padding, per-channel scaling): |L2 L1| = |L2| |L1| when one of them is such.
+  mixing = True
+
+  def linear(self, x: tf.Tensor) -> tf.Tensor:
+    """L(x) for x of shape [..., *in_shape] (any number of leading dims)."""
+    x2, lead = _merge(x, len(self.in_shape))
+    return _split(self._linear(x2), lead)
+
+  def transpose(self, v: tf.Tensor) -> tf.Tensor:
+    """L^T(v) for v of shape [..., *out_shape]."""
+    v2, lead = _merge(v, len(self.out_shape))
+    return _split(self._transpose(v2), lead)
+
+  def abs_linear(self, r: tf.Tensor) -> tf.Tensor:
+    """|L|(r): the linear map with absolute weights, r of shape [N, *in_shape]."""
+    return self._abs_linear(r)
+
+  def bias(self) -> tf.Tensor | None:
+    return None
+
+  def affine(self, x: tf.Tensor) -> tf.Tensor:
+    y = self._linear(x)
+    b = self.bias()
+    return y if b is None else y + b
+
+  def structural(self, x: np.ndarray) -> np.ndarray | None:
+    """Spatial dependency map on [N, H, W, 1] float arrays, or None if not spatial."""
+    return None
+
+  def flops(self) -> int:
+    """Multiply-adds of `linear` for one row."""
+    return int(np.prod(self.out_shape))
+
+  def _transpose(self, v: tf.Tensor) -> tf.Tensor:
+    n = tf.shape(v)[0]
+    x0 = tf.zeros(tf.concat([[n], self.in_shape], 0), tf.float32)
+    with tf.GradientTape() as tape:
+      tape.watch(x0)
+      y = self._linear(x0)
+    return tape.gradient(y, x0, output_gradients=v)
+
+  def _abs_linear(self, r: tf.Tensor) -> tf.Tensor:
+    return self._linear(r)
+
+
+class DenseOp(AffineOp):
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def _w(self):
+    return _f32(self.layer.kernel)
+
+  def _linear(self, x):
+    return tf.matmul(x, self._w())
+
+  def _transpose(self, v):
+    return tf.matmul(v, self._w(), transpose_b=True)
+
+  def _abs_linear(self, r):
+    return tf.matmul(r, tf.abs(self._w()))
+
+  def bias(self):
+    return _f32(self.layer.bias) if self.layer.use_bias else None
+
+  def flops(self):
+    return int(np.prod(self.in_shape) * np.prod(self.out_shape))
+
+
+class Conv2DOp(AffineOp):
+
+  def __init__(self, layer):
+    self.layer = layer
+    self.strides = tuple(layer.strides)
+    self.padding = layer.padding.upper()
+
+  def _k(self):
+    return _f32(self.layer.kernel)
+
+  def _conv(self, x, k):
+    return tf.nn.conv2d(x, k, strides=self.strides, padding=self.padding)
+
+  def _linear(self, x):
+    return self._conv(x, self._k())
+
+  def _abs_linear(self, r):
+    return self._conv(r, tf.abs(self._k()))
+
+  def _transpose(self, v):
+    n = tf.shape(v)[0]
+    out_shape = tf.concat([[n], self.in_shape], 0)
+    return tf.nn.conv2d_transpose(
+        v, self._k(), out_shape, strides=self.strides, padding=self.padding)
+
+  def bias(self):
+    return _f32(self.layer.bias) if self.layer.use_bias else None
+
+  def structural(self, x):
+    kh, kw = self.layer.kernel_size
+    ones = tf.ones((kh, kw, 1, 1), tf.float32)
+    return tf.nn.conv2d(x, ones, self.strides, self.padding).numpy()
+
+  def flops(self):
+    kh, kw = self.layer.kernel_size
+    return int(np.prod(self.out_shape) * kh * kw * self.in_shape[-1])
+
+
+class ScaleShiftOp(AffineOp):
+  """y = x * scale + shift, per channel (last axis) or per element."""
+
+  mixing = False
+
+  def __init__(self, scale_fn, shift_fn):
+    self._scale_fn = scale_fn
+    self._shift_fn = shift_fn
+
+  def _linear(self, x):
+    return x * self._scale_fn()
+
+  def _transpose(self, v):
+    return v * self._scale_fn()
+
+  def _abs_linear(self, r):
+    return r * tf.abs(self._scale_fn())
+
+  def bias(self):
+    return self._shift_fn()
+
+  def structural(self, x):
+    return x
+
+
+class ReshapeOp(AffineOp):
+  """Flatten and Reshape (row-major, NHWC order)."""
+
+  mixing = False
+
+  def __init__(self, layer):
+    self.layer = layer
+
+  def _linear(self, x):
+    return tf.reshape(x, tf.concat([[-1], self.out_shape], 0))
+
+  def _transpose(self, v):
+    return tf.reshape(v, tf.concat([[-1], self.in_shape], 0))
+
+
+class IdentityOp(AffineOp):
+  """Dropout, linear activations and other layers that are the identity at test time."""
+
+  mixing = False
+
+  def _linear(self, x):
+    return x
+
+  def _transpose(self, v):
+    return v
+
+  def structural(self, x):
+    return x
+
+
+class ZeroPadOp(AffineOp):
+
+  mixing = False
+
+  def __init__(self, padding):
+    (self.top, self.bottom), (self.left, self.right) = padding
+
+  def _pads(self):
+    return [[0, 0], [self.top, self.bottom], [self.left, self.right], [0, 0]]
+
+  def _linear(self, x):
+    return tf.pad(x, self._pads())
+
+  def _transpose(self, v):
+    h, w = self.in_shape[0], self.in_shape[1]
+    return v[:, self.top : self.top + h, self.left : self.left + w, :]
+
+  def structural(self, x):
+    return np.pad(x, self._pads())
+
+
+class AvgPoolOp(AffineOp):
+  """AveragePooling2D: a linear map with non-negative weights (|L| = L)."""
+
+  def __init__(self, layer):
+    self.pool = tuple(layer.pool_size)
+    self.strides = tuple(layer.strides)
+    self.padding = layer.padding.upper()
+
+  def _linear(self, x):
+    return tf.nn.avg_pool2d(x, self.pool, self.strides, self.padding)
+
+  def structural(self, x):
+    return tf.nn.avg_pool2d(
+        tf.convert_to_tensor(x, tf.float32), self.pool, self.strides,
+        self.padding).numpy()
+
+  def flops(self):
+    return int(np.prod(self.out_shape) * self.pool[0] * self.pool[1])
