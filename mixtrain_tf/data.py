@@ -14,7 +14,8 @@ Splits:
 MNIST, Fashion-MNIST and CIFAR-10 are read with TensorFlow Datasets from a local
 TFDS data directory and are never downloaded (build them offline with
 `tools/prepare_data.py`). ImageNet-200 is read from a Tiny ImageNet folder in its
-official layout.
+official layout; its label is the index of the image's wnid in the sorted lines of
+`wnids.txt`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ SPLITS = ("train", "validation", "test")
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _DEFAULT_TFDS_DIR = _REPO_ROOT.parent / "shared" / "tfds"
-_DEFAULT_TINY_IMAGENET_DIR = _REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet-200-mini"
+_DEFAULT_TINY_IMAGENET_DIR = (
+    _REPO_ROOT.parent / "shared" / "data" / "tiny-imagenet-200-mini")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,7 @@ _SPECS = {
 
 
 class DataNotFoundError(FileNotFoundError):
-  """A dataset is not on disk where it was looked for; the message says how to fix it."""
+  """A dataset is not where it was looked for; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,24 +204,18 @@ def load_splits(
   Returns:
     The three pipelines; `validation` is None when `validation_size` is 0.
   """
-  common = dict(
-      data_dir=data_dir, batch_size=batch_size, seed=seed, validation_size=validation_size
-  )
-  train = load(
-      name, "train", shuffle=True, augment=augment, max_examples=max_train_examples, **common
-  )
-  validation = (
-      load(name, "validation", max_examples=max_eval_examples, **common)
-      if validation_size
-      else None
-  )
+  common = dict(data_dir=data_dir, batch_size=batch_size, seed=seed,
+                validation_size=validation_size)
+  train = load(name, "train", shuffle=True, augment=augment,
+               max_examples=max_train_examples, **common)
+  validation = (load(name, "validation", max_examples=max_eval_examples, **common)
+                if validation_size else None)
   test = load(name, "test", max_examples=max_eval_examples, **common)
   return Splits(train=train, validation=validation, test=test)
 
 
-def _example_range(
-    split: str, num_official: int, validation_size: int, max_examples: int | None, name: str
-) -> tuple[int, int]:
+def _example_range(split: str, num_official: int, validation_size: int,
+                   max_examples: int | None, name: str) -> tuple[int, int]:
   """Returns [start, stop) of `split` inside its official split of `num_official`."""
   if split == "test":
     start, stop = 0, num_official
@@ -256,14 +252,14 @@ def _read_tfds(
         f"{name} --source DIR_WITH_OFFICIAL_FILES --data_dir {data_dir}"
     )
   official = "test" if split == "test" else "train"
-  start, stop = _example_range(
-      split, builder.info.splits[official].num_examples, validation_size, max_examples, name
-  )
+  start, stop = _example_range(split, builder.info.splits[official].num_examples,
+                               validation_size, max_examples, name)
   examples = builder.as_dataset(
       split=f"{official}[{start}:{stop}]", as_supervised=True, shuffle_files=False
   ).cache()
   if shuffle:
-    examples = examples.shuffle(stop - start, seed=seed, reshuffle_each_iteration=True)
+    examples = examples.shuffle(stop - start, seed=seed,
+                                reshuffle_each_iteration=True)
   return examples
 
 
@@ -287,12 +283,12 @@ def _read_tiny_imagenet(
   wnids_path = root / "wnids.txt"
   if not wnids_path.is_file():
     raise DataNotFoundError(
-        f"dataset {name!r} (Tiny ImageNet) was not found: {wnids_path} does not exist. "
-        "Fix: pass --data_dir or set TINY_IMAGENET_DIR to the unpacked "
+        f"dataset {name!r} (Tiny ImageNet) was not found: {wnids_path} does not "
+        "exist. Fix: pass --data_dir or set TINY_IMAGENET_DIR to the unpacked "
         "tiny-imagenet-200 folder in its official layout (wnids.txt, "
         "train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)."
     )
-  wnids = sorted(line.strip() for line in wnids_path.read_text().splitlines() if line.strip())
+  wnids = sorted(set(wnids_path.read_text().split()))
   if split == "test":
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
     annotations = root / "val" / "val_annotations.txt"
@@ -301,14 +297,18 @@ def _read_tiny_imagenet(
           f"Tiny ImageNet in {root} has no {annotations}: the test split needs the "
           "official val/images/ and val/val_annotations.txt."
       )
-    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines() if line]
-    pairs = [(root / "val" / "images" / file, label_of[wnid]) for file, wnid in rows]
+    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()
+            if line]
+    pairs = [(root / "val" / "images" / file, label_of[wnid])
+             for file, wnid in rows]
   else:
-    per_class = [sorted((root / "train" / wnid / "images").glob("*.JPEG")) for wnid in wnids]
+    per_class = [sorted((root / "train" / wnid / "images").glob("*.JPEG"))
+                 for wnid in wnids]
     longest = max(len(files) for files in per_class)
     if longest == 0:
       raise DataNotFoundError(
-          f"Tiny ImageNet in {root} has no training images train/<wnid>/images/*.JPEG."
+          f"Tiny ImageNet in {root} has no training images "
+          "train/<wnid>/images/*.JPEG."
       )
     pairs = [
         (files[i], label)
@@ -316,7 +316,8 @@ def _read_tiny_imagenet(
         for label, files in enumerate(per_class)
         if i < len(files)
     ]
-  start, stop = _example_range(split, len(pairs), validation_size, max_examples, name)
+  start, stop = _example_range(split, len(pairs), validation_size, max_examples,
+                               name)
   pairs = pairs[start:stop]
   files = tf.data.Dataset.from_tensor_slices((
       tf.constant([os.fspath(path) for path, _ in pairs], tf.string),
@@ -334,17 +335,20 @@ def _read_jpeg(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]
   return tf.ensure_shape(image, _SPECS["imagenet200"].input_shape), label
 
 
-def _to_float_image(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def _to_float_image(image: tf.Tensor,
+                    label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)
 
 
-def _augment(images: tf.data.Dataset, spec: _DatasetSpec, seed: int) -> tf.data.Dataset:
+def _augment(images: tf.data.Dataset, spec: _DatasetSpec,
+             seed: int) -> tf.data.Dataset:
   """Applies random crop and/or flip with stateless ops, new draws every epoch."""
   seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
   def augment_one(example, pair_seed):
     image, label = example
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair_seed, 2))
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(pair_seed, 2))
     if spec.crop_padding:
       height, width, _ = spec.input_shape
       image = tf.image.pad_to_bounding_box(
@@ -354,7 +358,8 @@ def _augment(images: tf.data.Dataset, spec: _DatasetSpec, seed: int) -> tf.data.
           height + 2 * spec.crop_padding,
           width + 2 * spec.crop_padding,
       )
-      image = tf.image.stateless_random_crop(image, spec.input_shape, seed=crop_seed)
+      image = tf.image.stateless_random_crop(image, spec.input_shape,
+                                             seed=crop_seed)
     if spec.flip:
       image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return image, label

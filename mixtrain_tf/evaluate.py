@@ -1,0 +1,106 @@
+r"""Clean, attacked and verified accuracy of a trained model on a test set.
+
+    python -m mixtrain_tf.evaluate --model=runs/m --dataset=mnist --epsilon=0.1 \
+        --methods=interval,symbolic --attacks=pgd,interval --output=eval.json
+
+--model is a training run's --model_dir (its network.keras), a `.keras` file, or a
+SavedModel directory written by `mixtrain_tf.export` (then only the symbolic method
+and the PGD attack are available: the SavedModel carries the bounds, not layers).
+The JSON holds, per method and attack: accuracy, count and seconds; the invariant
+verified <= attacked <= clean is checked (a violation means a bug and is an error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+from absl import app, flags
+
+from mixtrain_tf import data, evaluation
+from mixtrain_tf import layers as _layers  # noqa: F401  (registers custom layers)
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the evaluation flags (once per process)."""
+  flags.DEFINE_string("model", None, "Training --model_dir, .keras file or "
+                      "SavedModel directory.")
+  flags.DEFINE_enum("dataset", "mnist", data.DATASETS, "Dataset.")
+  flags.DEFINE_string("data_dir", None, "Dataset directory (as for training).")
+  flags.DEFINE_float("epsilon", 0.1, "L-inf radius in [0, 1] pixel units.")
+  flags.DEFINE_list("methods", ["interval", "symbolic"], "Bound methods.")
+  flags.DEFINE_list("attacks", ["pgd"], "Attacks: pgd, interval.")
+  flags.DEFINE_integer("num_examples", None, "Evaluate the first N test examples.")
+  flags.DEFINE_integer("batch_size", 100, "Batch size.")
+  flags.DEFINE_integer("pgd_steps", 40, "PGD steps per restart.")
+  flags.DEFINE_float("pgd_step_size", 0.01, "PGD step size.")
+  flags.DEFINE_integer("restarts", 1, "Attack restarts.")
+  flags.DEFINE_string("output", None, "Write the JSON result here.")
+  flags.mark_flag_as_required("model")
+  flags.register_validator("epsilon", lambda v: 0 <= v <= 1,
+                           "--epsilon must be in [0, 1] (pixel units).")
+  flags.register_validator("methods", lambda v: set(v) <= {"interval", "symbolic"},
+                           "--methods takes interval and/or symbolic.")
+  flags.register_validator("attacks", lambda v: set(v) <= set(evaluation.ATTACKS),
+                           f"--attacks takes {', '.join(evaluation.ATTACKS)}.")
+  flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1.")
+  flags.register_validator("restarts", lambda v: v >= 1, "--restarts must be >= 1.")
+
+
+def load_model(path: str):
+  """Returns (keras model or None, predict_fn or None, margins_fn or None)."""
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "network.keras")):
+    path = os.path.join(path, "network.keras")
+  if path.endswith(".keras") and os.path.isfile(path):
+    return keras.models.load_model(path, compile=False), None, None
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+    loaded = tf.saved_model.load(path)
+    serve, margins = loaded.signatures["serving_default"], loaded.signatures["margins"]
+
+    def predict_fn(x):
+      return serve(images=x)["logits"]
+
+    def margins_fn(x, y, epsilon, method):
+      if method != "symbolic":
+        raise ValueError(f"a SavedModel carries symbolic bounds only, not {method!r}; "
+                         "use --methods=symbolic or pass the network.keras file.")
+      return margins(images=x, labels=tf.cast(y, tf.int32),
+                     epsilon=tf.constant(epsilon, tf.float32))["margin_upper"]
+
+    predict_fn.saved_model = loaded  # the signatures need the loaded variables
+    return None, predict_fn, margins_fn
+  raise app.UsageError(f"--model={path}: not a training --model_dir (with "
+                       "network.keras), a .keras file or a SavedModel directory.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  network, predict_fn, margins_fn = load_model(FLAGS.model)
+  if network is None and ("interval" in FLAGS.methods or "interval" in FLAGS.attacks):
+    raise app.UsageError("a SavedModel supports --methods=symbolic and "
+                         "--attacks=pgd only; pass network.keras for the rest.")
+  test = data.load(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
+                   batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
+  result = evaluation.evaluate(
+      network, test, FLAGS.epsilon, methods=tuple(FLAGS.methods),
+      attack_names=tuple(FLAGS.attacks), pgd_steps=FLAGS.pgd_steps,
+      pgd_step_size=FLAGS.pgd_step_size, pgd_restarts=FLAGS.restarts,
+      num_examples=FLAGS.num_examples, predict_fn=predict_fn,
+      margins_fn=margins_fn)
+  result["model"] = FLAGS.model
+  result["dataset"] = FLAGS.dataset
+  text = json.dumps(result, indent=1)
+  if FLAGS.output:
+    with open(FLAGS.output, "w") as fh:
+      fh.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

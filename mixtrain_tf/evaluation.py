@@ -1,0 +1,118 @@
+"""Test-set metrics of a network: clean, attacked and verified accuracy."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mixtrain_tf import api, attacks
+
+ATTACKS = ("pgd", "interval")
+
+
+def _progress(total: int | None, verbose: bool):
+  return keras.utils.Progbar(total, unit_name="example") if verbose else None
+
+
+def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
+             methods: tuple[str, ...] = ("interval", "symbolic"),
+             attack_names: tuple[str, ...] = ("pgd",), pgd_steps: int = 40,
+             pgd_step_size: float = 0.01, pgd_restarts: int = 1,
+             num_examples: int | None = None, verbose: bool = True,
+             predict_fn: Callable | None = None,
+             margins_fn: Callable | None = None, seed: int = 0) -> dict:
+  """Clean accuracy, accuracy under each attack and verified accuracy per method.
+
+  Args:
+    network: a Keras model (images -> logits) of supported layers, or None when
+      `predict_fn` and `margins_fn` are given (e.g. a SavedModel's signatures).
+    dataset: batches of (images in [0, 1], labels).
+    epsilon: L-inf radius.
+    methods: bound methods for verified accuracy.
+    attack_names: attacks for attacked accuracy: "pgd" and/or "interval"
+      (MIXTRAIN.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
+      pgd_restarts.
+    num_examples: stop after this many examples.
+    predict_fn: optional images -> logits replacing `network`.
+    margins_fn: optional (images, labels, epsilon, method) -> margin upper bounds,
+      e.g. a SavedModel's `margins` signature.
+
+  Returns:
+    {"examples", "epsilon", "clean": {...}, "attacks": {name: {...}},
+     "verified": {method: {...}}}, each leaf with accuracy, count and seconds.
+    Raises RuntimeError if verified <= attacked <= clean is violated (a bug).
+  """
+  for m in methods:
+    if m not in api.METHODS:
+      raise ValueError(f"unknown bound method {m!r}; choose from {api.METHODS}.")
+  for a in attack_names:
+    if a not in ATTACKS:
+      raise ValueError(f"unknown attack {a!r}; choose from {ATTACKS}.")
+    if a == "interval" and network is None:
+      raise ValueError("the interval attack needs the network's layers (a Keras "
+                       "model), not only its signatures.")
+  predict = predict_fn or tf.function(lambda x: network(x, training=False))
+  seed_t = tf.constant([seed, 0], tf.int32)
+  attack_fns = {
+      "pgd": tf.function(lambda x, y: attacks.pgd(
+          predict, x, y, epsilon, pgd_steps, pgd_step_size, pgd_restarts,
+          seed=seed_t)),
+      "interval": tf.function(lambda x, y: attacks.interval_attack(
+          network, x, y, float(epsilon), pgd_steps, pgd_step_size, pgd_restarts,
+          seed=seed_t)),
+  }
+  if margins_fn is None:
+    margin_fns = {m: tf.function(lambda x, y, m=m: api.bound_box(
+        network, *api.input_box(x, epsilon), m,
+        api.margin_spec(y, network.outputs[0].shape[-1])).upper) for m in methods}
+  else:
+    margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
+  counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
+            **{f"verified/{m}": 0 for m in methods}}
+  seconds = dict.fromkeys(counts, 0.0)
+  total = 0
+  bar = _progress(num_examples, verbose)
+  for x, y in dataset:
+    if num_examples is not None and total >= num_examples:
+      break
+    if num_examples is not None:
+      x, y = x[: num_examples - total], y[: num_examples - total]
+    x = tf.cast(x, tf.float32)
+    y = tf.cast(y, tf.int32)
+    t = time.perf_counter()
+    correct = tf.equal(tf.argmax(predict(x), 1, tf.int32), y)
+    seconds["clean"] += time.perf_counter() - t
+    counts["clean"] += int(tf.reduce_sum(tf.cast(correct, tf.int32)))
+    for a in attack_names:
+      t = time.perf_counter()
+      x_adv = attack_fns[a](x, y)
+      ok = tf.logical_and(correct, tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y))
+      seconds[f"attack/{a}"] += time.perf_counter() - t
+      counts[f"attack/{a}"] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
+    for m in methods:
+      t = time.perf_counter()
+      ub = margin_fns[m](x, y)
+      ub = tf.where(tf.one_hot(y, tf.shape(ub)[1]) > 0, -np.inf, ub)
+      ok = tf.logical_and(correct, tf.reduce_max(ub, axis=1) < 0)
+      seconds[f"verified/{m}"] += time.perf_counter() - t
+      counts[f"verified/{m}"] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
+    total += int(x.shape[0])
+    if bar:
+      bar.update(total)
+  def leaf(key):
+    return {"accuracy": counts[key] / max(1, total), "count": counts[key],
+            "seconds": round(seconds[key], 3)}
+  result = {"examples": total, "epsilon": float(epsilon), "clean": leaf("clean"),
+            "attacks": {a: leaf(f"attack/{a}") for a in attack_names},
+            "verified": {m: leaf(f"verified/{m}") for m in methods}}
+  ceiling = min([counts["clean"]] + [counts[f"attack/{a}"] for a in attack_names])
+  for m in methods:
+    if counts[f"verified/{m}"] > ceiling:
+      raise RuntimeError(
+          f"verified accuracy ({m}: {counts[f'verified/{m}']}) exceeds attacked or "
+          f"clean accuracy ({ceiling}) on {total} examples: a bound is unsound.")
+  return result

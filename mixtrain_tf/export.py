@@ -1,0 +1,57 @@
+"""SavedModel export that third parties can load and verify without mixtrain_tf.
+
+The SavedModel has three signatures:
+* `serving_default`: images [N, H, W, C] in [0, 1] -> {"logits": [N, classes]};
+* `bounds`: (images, epsilon) -> {"lower", "upper"}: symbolic bounds of the logits
+  over the L-inf ball clipped to [0, 1];
+* `margins`: (images, labels, epsilon) -> {"margin_upper": [N, classes]}: symbolic
+  upper bounds of z_j - z_y (0 at j = y); a point is verified iff every entry but
+  the label's is < 0.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from mixtrain_tf import api
+
+
+class _BoundModule(tf.Module):
+
+  def __init__(self, network: keras.Model, clip_min: float, clip_max: float):
+    super().__init__()
+    self.network = network
+    shape = [None, *network.inputs[0].shape[1:]]
+    n_out = network.outputs[0].shape[-1]
+    x_spec = tf.TensorSpec(shape, tf.float32, name="images")
+    eps_spec = tf.TensorSpec([], tf.float32, name="epsilon")
+
+    @tf.function(input_signature=[x_spec])
+    def serve(images):
+      return {"logits": network(images, training=False)}
+
+    @tf.function(input_signature=[x_spec, eps_spec])
+    def bounds(images, epsilon):
+      lo, hi = api.input_box(images, epsilon, clip_min, clip_max)
+      b = api.bound_box(network, lo, hi, "symbolic").concretize()
+      return {"lower": b.lower, "upper": b.upper}
+
+    @tf.function(input_signature=[
+        x_spec, tf.TensorSpec([None], tf.int32, name="labels"), eps_spec])
+    def margins(images, labels, epsilon):
+      lo, hi = api.input_box(images, epsilon, clip_min, clip_max)
+      b = api.bound_box(network, lo, hi, "symbolic",
+                        spec=api.margin_spec(labels, n_out))
+      return {"margin_upper": b.upper}
+
+    self.serve, self.bounds, self.margins = serve, bounds, margins
+
+
+def export_saved_model(network: keras.Model, path: str, clip_min: float = 0.0,
+                       clip_max: float = 1.0) -> None:
+  """Writes `network` with its bound signatures as a SavedModel at `path`."""
+  module = _BoundModule(network, clip_min, clip_max)
+  tf.saved_model.save(module, path, signatures={
+      "serving_default": module.serve, "bounds": module.bounds,
+      "margins": module.margins})

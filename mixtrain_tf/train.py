@@ -1,0 +1,216 @@
+r"""Trains a network with MixTrain (or a baseline) and writes everything to --model_dir.
+
+    python -m mixtrain_tf.train --flagfile=flags/mnist_small.cfg --model_dir=runs/m
+
+Outputs: TensorBoard logs (`logs/`), a resumable backup (`backup/`, removed when
+training ends; a killed run restarted with the same command continues where it
+stopped), `flags.txt` (resolved flags), `history.json`, `network.keras`,
+`metrics.json` (test clean / PGD / verified accuracy, train seconds, flags) and
+`saved_model/` (see `mixtrain_tf.export`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import app, flags, logging
+
+from mixtrain_tf import callbacks, data, evaluation, export, networks, training
+
+FLAGS = flags.FLAGS
+_FLAG_NAMES: list[str] = []
+
+
+def define_flags():
+  """Defines the training flags (once per process)."""
+  before = set(FLAGS)
+  flags.DEFINE_enum("dataset", "mnist", data.DATASETS, "Dataset.")
+  flags.DEFINE_enum("network", "mnist_small", networks.NAMES, "Network.")
+  flags.DEFINE_enum("method", "mixtrain", training.METHODS, "Training method.")
+  flags.DEFINE_float("epsilon", 0.1, "Target L-inf radius in [0, 1] pixel units.")
+  flags.DEFINE_integer("k", 5, "Robust points sampled per replica batch (mixtrain).")
+  flags.DEFINE_integer("batch_size", 50, "Global batch size.")
+  flags.DEFINE_integer("epochs", 20, "Epochs.")
+  flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer.")
+  flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+  flags.DEFINE_list("lr_decay_epochs", [], "Epochs after which the LR is multiplied "
+                    "by --lr_decay_factor.")
+  flags.DEFINE_float("lr_decay_factor", 0.1, "LR decay factor.")
+  flags.DEFINE_string("model_dir", None, "Output directory (required).")
+  flags.DEFINE_string("data_dir", None, "Dataset directory (default: TFDS_DATA_DIR "
+                      "or ../shared/tfds; for imagenet200 the Tiny ImageNet folder).")
+  flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
+                    "tf.distribute strategy.")
+  flags.DEFINE_integer("max_train_examples", None, "Use only the first N train "
+                       "examples (quick runs).")
+  flags.DEFINE_integer("max_eval_examples", None, "Use only the first N validation "
+                       "and test examples.")
+  flags.DEFINE_integer("validation_size", 1000, "Train examples held out for the "
+                       "dynamic alpha rule.")
+  flags.DEFINE_boolean("augment", None, "Augment training data (default: on for "
+                       "cifar10 and imagenet200).")
+  flags.DEFINE_float("alpha", 0.5, "Initial weight of the clean loss.")
+  flags.DEFINE_boolean("dynamic_alpha", True, "Adapt alpha every epoch.")
+  flags.DEFINE_float("alpha_delta", 0.05, "Dynamic alpha step.")
+  flags.DEFINE_float("alpha_min", 0.05, "Smallest alpha.")
+  flags.DEFINE_float("alpha_max", 0.95, "Largest alpha.")
+  flags.DEFINE_integer("alpha_start_epoch", None, "First epoch of the alpha rule "
+                       "(default: end of the epsilon ramp).")
+  flags.DEFINE_float("eps_start", 0.0, "Epsilon at the start of the ramp.")
+  flags.DEFINE_integer("eps_ramp_epochs", 10, "Epochs of the linear epsilon ramp.")
+  flags.DEFINE_integer("eps_warmup_epochs", 0, "Epochs at eps_start before the ramp.")
+  flags.DEFINE_boolean("eps_ramp_per_step", True, "Ramp every step (else per epoch).")
+  flags.DEFINE_enum("eval_bound", "symbolic", ["interval", "symbolic"],
+                    "Bound for validation verified accuracy.")
+  flags.DEFINE_integer("pgd_steps", 40, "PGD steps (pgd training and evaluation).")
+  flags.DEFINE_float("pgd_step_size", 0.01, "PGD step size.")
+  flags.DEFINE_list("final_methods", ["interval", "symbolic"], "Bound methods for "
+                    "the final test evaluation.")
+  flags.DEFINE_boolean("final_pgd", True, "PGD accuracy in the final evaluation.")
+  flags.DEFINE_integer("eval_batch_size", None, "Batch size of the final evaluation "
+                       "(default: --batch_size).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_boolean("export", True, "Write saved_model/.")
+
+  _FLAG_NAMES[:] = sorted(set(FLAGS) - before)
+  flags.mark_flag_as_required("model_dir")
+  flags.register_validator("epsilon", lambda v: 0 <= v <= 1,
+                           "--epsilon must be in [0, 1] (pixel units).")
+  flags.register_validator("k", lambda v: v >= 1, "--k must be >= 1.")
+  flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1.")
+  flags.register_validator("epochs", lambda v: v >= 1, "--epochs must be >= 1.")
+  flags.register_validator("learning_rate", lambda v: v > 0,
+                           "--learning_rate must be > 0.")
+  flags.register_validator("alpha", lambda v: 0 <= v <= 1, "--alpha must be in [0, 1].")
+  flags.register_validator("eps_start", lambda v: v >= 0, "--eps_start must be >= 0.")
+  flags.register_multi_flags_validator(
+      ["k", "batch_size", "method"],
+      lambda f: f["method"] != "mixtrain" or f["k"] <= f["batch_size"],
+      "--k must be <= --batch_size.")
+  flags.register_multi_flags_validator(
+      ["dataset", "network"],
+      lambda f: _network_fits(f["dataset"], f["network"]),
+      "--network does not take --dataset's images (mnist_* for mnist/fashion_mnist, "
+      "cifar_* for cifar10, imagenet200_resnet for imagenet200).")
+  flags.register_multi_flags_validator(
+      ["final_methods"], lambda f: set(f["final_methods"]) <= {"interval", "symbolic"},
+      "--final_methods takes interval and/or symbolic.")
+
+
+def _network_fits(dataset: str, network: str) -> bool:
+  return data.input_shape(dataset) == networks.INPUT_SHAPES[network]
+
+
+def _strategy(name: str):
+  if name == "mirrored":
+    return tf.distribute.MirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+class _EpochSeconds(keras.callbacks.Callback):
+  """Adds `epoch_seconds` to the epoch logs (so TensorBoard plots it)."""
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._t = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is not None:
+      logs["epoch_seconds"] = time.perf_counter() - self._t
+
+
+def run(argv_flags=FLAGS) -> dict:
+  """Trains per the flags; returns the metrics written to metrics.json."""
+  f = argv_flags
+  os.makedirs(f.model_dir, exist_ok=True)
+  with open(os.path.join(f.model_dir, "flags.txt"), "w") as fh:
+    fh.write(f.flags_into_string())
+  keras.utils.set_random_seed(f.seed)
+  augment = f.augment if f.augment is not None else f.dataset in ("cifar10",
+                                                                  "imagenet200")
+  splits = data.load_splits(
+      f.dataset, data_dir=f.data_dir, batch_size=f.batch_size,
+      validation_size=f.validation_size, max_train_examples=f.max_train_examples,
+      max_eval_examples=f.max_eval_examples, augment=augment, seed=f.seed)
+  strategy = _strategy(f.strategy)
+  replicas = strategy.num_replicas_in_sync
+  if f.method == "mixtrain" and f.k > f.batch_size // replicas:
+    raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
+                         f"{f.batch_size // replicas} ({replicas} replicas).")
+  with strategy.scope():
+    network = networks.build(f.network, data.num_classes(f.dataset))
+    model = training.MixTrainModel(
+        network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
+        eval_bound=f.eval_bound, pgd_steps=f.pgd_steps,
+        pgd_step_size=f.pgd_step_size, seed=f.seed)
+    steps = int(splits.train.cardinality())
+    lr = f.learning_rate
+    if f.lr_decay_epochs:
+      bounds = [int(e) * steps for e in f.lr_decay_epochs]
+      lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+          bounds, [f.learning_rate * f.lr_decay_factor**i
+                   for i in range(len(bounds) + 1)])
+    opt = (keras.optimizers.Adam(lr) if f.optimizer == "adam"
+           else keras.optimizers.SGD(lr, momentum=0.9))
+    model.compile(optimizer=opt, jit_compile=False)
+  cbs = [callbacks.EpsilonRamp(f.epsilon, f.eps_ramp_epochs, start=f.eps_start,
+                               warmup_epochs=f.eps_warmup_epochs,
+                               per_step=f.eps_ramp_per_step),
+         _EpochSeconds()]
+  validation = splits.validation
+  if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
+    if validation is None:
+      raise app.UsageError("--dynamic_alpha needs --validation_size > 0.")
+    start = (f.alpha_start_epoch if f.alpha_start_epoch is not None
+             else f.eps_warmup_epochs + f.eps_ramp_epochs)
+    cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,
+                                      start_epoch=start))
+  cbs += [keras.callbacks.BackupAndRestore(os.path.join(f.model_dir, "backup")),
+          keras.callbacks.TensorBoard(os.path.join(f.model_dir, "logs"))]
+  start_time = time.perf_counter()
+  history = model.fit(splits.train, validation_data=validation, epochs=f.epochs,
+                      callbacks=cbs, verbose=1 if sys.stdout.isatty() else 2)
+  train_seconds = time.perf_counter() - start_time
+  with open(os.path.join(f.model_dir, "history.json"), "w") as fh:
+    json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, fh,
+              indent=1)
+  network.save(os.path.join(f.model_dir, "network.keras"))
+  logging.info("final evaluation on the test split at epsilon %g", f.epsilon)
+  test = splits.test
+  if f.eval_batch_size:
+    test = test.unbatch().batch(f.eval_batch_size)
+  result = evaluation.evaluate(
+      network, test, f.epsilon, methods=tuple(f.final_methods),
+      attack_names=("pgd",) if f.final_pgd else (), pgd_steps=f.pgd_steps,
+      pgd_step_size=f.pgd_step_size, verbose=True)
+  metrics = {
+      "test": result, "train_seconds": round(train_seconds, 1),
+      "epochs": history.epoch[-1] + 1 if history.epoch else f.epochs,
+      "flags": {name: f[name].value for name in _FLAG_NAMES},
+  }
+  with open(os.path.join(f.model_dir, "metrics.json"), "w") as fh:
+    json.dump(metrics, fh, indent=1)
+  if f.export:
+    export.export_saved_model(network, os.path.join(f.model_dir, "saved_model"))
+  summary = ", ".join([f"clean {result['clean']['accuracy']:.4f}"]
+                      + [f"pgd {v['accuracy']:.4f}" for v in result["attacks"].values()]
+                      + [f"verified[{k}] {v['accuracy']:.4f}"
+                         for k, v in result["verified"].items()])
+  print(f"test ({result['examples']} examples, eps {f.epsilon}): {summary}; "
+        f"train {train_seconds:.0f} s")
+  return metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run()
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
