@@ -187,6 +187,7 @@ def load_splits(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     augment: bool = False,
+    shuffle: bool = True,
     seed: int = 0,
 ) -> Splits:
   """Builds the train (shuffled, optionally augmented), validation and test pipelines.
@@ -199,6 +200,7 @@ def load_splits(
     max_train_examples: Keep only the first examples of the training split.
     max_eval_examples: Keep only the first examples of validation and test.
     augment: Augment the training split (see `load`).
+    shuffle: Reshuffle the training split every epoch.
     seed: Seed of shuffling and augmentation.
 
   Returns:
@@ -206,7 +208,7 @@ def load_splits(
   """
   common = dict(data_dir=data_dir, batch_size=batch_size, seed=seed,
                 validation_size=validation_size)
-  train = load(name, "train", shuffle=True, augment=augment,
+  train = load(name, "train", shuffle=shuffle, augment=augment,
                max_examples=max_train_examples, **common)
   validation = (load(name, "validation", max_examples=max_eval_examples, **common)
                 if validation_size else None)

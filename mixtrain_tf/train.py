@@ -44,14 +44,16 @@ def define_flags():
   flags.DEFINE_string("model_dir", None, "Output directory (required).")
   flags.DEFINE_string("data_dir", None, "Dataset directory (default: TFDS_DATA_DIR "
                       "or ../shared/tfds; for imagenet200 the Tiny ImageNet folder).")
-  flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
-                    "tf.distribute strategy.")
+  flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                    "tf.distribute strategy: one device, MirroredStrategy over this "
+                    "machine's GPUs, or MultiWorkerMirroredStrategy from TF_CONFIG.")
   flags.DEFINE_integer("max_train_examples", None, "Use only the first N train "
                        "examples (quick runs).")
   flags.DEFINE_integer("max_eval_examples", None, "Use only the first N validation "
                        "and test examples.")
   flags.DEFINE_integer("validation_size", 1000, "Train examples held out for the "
                        "dynamic alpha rule.")
+  flags.DEFINE_boolean("shuffle", True, "Reshuffle the training data every epoch.")
   flags.DEFINE_boolean("augment", None, "Augment training data (default: on for "
                        "cifar10 and imagenet200).")
   flags.DEFINE_float("alpha", 0.5, "Initial weight of the clean loss.")
@@ -106,10 +108,44 @@ def _network_fits(dataset: str, network: str) -> bool:
   return data.input_shape(dataset) == networks.INPUT_SHAPES[network]
 
 
+def check_tf_config(text: str | None) -> dict:
+  """Parses and checks TF_CONFIG for --strategy=multi_worker; raises UsageError."""
+  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", '
+             '"host2:12345"]}, "task": {"type": "worker", "index": 0}}\'')
+  if not text:
+    raise app.UsageError("--strategy=multi_worker needs the TF_CONFIG environment "
+                         f"variable describing the cluster and this task; {example}.")
+  try:
+    config = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f"TF_CONFIG is not valid JSON ({e}); {example}.") from None
+  cluster = config.get("cluster") if isinstance(config, dict) else None
+  task = config.get("task") if isinstance(config, dict) else None
+  if not isinstance(cluster, dict) or not isinstance(task, dict):
+    raise app.UsageError(f"TF_CONFIG needs a 'cluster' and a 'task' object; {example}.")
+  if not cluster.get("chief") and not cluster.get("worker"):
+    raise app.UsageError("TF_CONFIG's cluster has no chief: give a 'chief' job or a "
+                         f"'worker' job (worker 0 then acts as chief); {example}.")
+  kind, index = task.get("type"), task.get("index")
+  if kind not in cluster or not isinstance(index, int) or not (
+      0 <= index < len(cluster[kind])):
+    raise app.UsageError(f"TF_CONFIG's task {task} is not in its cluster "
+                         f"{sorted(cluster)}; {example}.")
+  return config
+
+
 def _strategy(name: str):
+  """Returns (strategy, is_chief, task name)."""
   if name == "mirrored":
-    return tf.distribute.MirroredStrategy()
-  return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(), True, "chief"
+  if name == "multi_worker":
+    config = check_tf_config(os.environ.get("TF_CONFIG"))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    kind, index = config["task"]["type"], config["task"]["index"]
+    chief = kind == "chief" or (kind == "worker" and index == 0
+                                and "chief" not in config["cluster"])
+    return strategy, chief, f"{kind}_{index}"
+  return tf.distribute.get_strategy(), True, "chief"
 
 
 class _EpochSeconds(keras.callbacks.Callback):
@@ -126,8 +162,14 @@ class _EpochSeconds(keras.callbacks.Callback):
 def run(argv_flags=FLAGS) -> dict:
   """Trains per the flags; returns the metrics written to metrics.json."""
   f = argv_flags
-  os.makedirs(f.model_dir, exist_ok=True)
-  with open(os.path.join(f.model_dir, "flags.txt"), "w") as fh:
+  # A multi-worker strategy must exist before any other TensorFlow work.
+  strategy, chief, task = _strategy(f.strategy)
+  replicas = strategy.num_replicas_in_sync
+  # Only the chief writes to --model_dir; other workers write their (identical)
+  # outputs to model_dir/workers/<task>/, which can be deleted after training.
+  out_dir = f.model_dir if chief else os.path.join(f.model_dir, "workers", task)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "flags.txt"), "w") as fh:
     fh.write(f.flags_into_string())
   keras.utils.set_random_seed(f.seed)
   augment = f.augment if f.augment is not None else f.dataset in ("cifar10",
@@ -135,9 +177,14 @@ def run(argv_flags=FLAGS) -> dict:
   splits = data.load_splits(
       f.dataset, data_dir=f.data_dir, batch_size=f.batch_size,
       validation_size=f.validation_size, max_train_examples=f.max_train_examples,
-      max_eval_examples=f.max_eval_examples, augment=augment, seed=f.seed)
-  strategy = _strategy(f.strategy)
-  replicas = strategy.num_replicas_in_sync
+      max_eval_examples=f.max_eval_examples, augment=augment, shuffle=f.shuffle,
+      seed=f.seed)
+  if f.strategy == "multi_worker":  # shard by example: TFDS MNIST is one file
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    splits = data.Splits(*(None if d is None else d.with_options(options)
+                           for d in (splits.train, splits.validation, splits.test)))
   if f.method == "mixtrain" and f.k > f.batch_size // replicas:
     raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
                          f"{f.batch_size // replicas} ({replicas} replicas).")
@@ -169,16 +216,19 @@ def run(argv_flags=FLAGS) -> dict:
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
     cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,
                                       start_epoch=start))
-  cbs += [keras.callbacks.BackupAndRestore(os.path.join(f.model_dir, "backup")),
-          keras.callbacks.TensorBoard(os.path.join(f.model_dir, "logs"))]
+  cbs += [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"))]
+  if chief:
+    cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
   start_time = time.perf_counter()
   history = model.fit(splits.train, validation_data=validation, epochs=f.epochs,
                       callbacks=cbs, verbose=1 if sys.stdout.isatty() else 2)
   train_seconds = time.perf_counter() - start_time
-  with open(os.path.join(f.model_dir, "history.json"), "w") as fh:
+  with open(os.path.join(out_dir, "history.json"), "w") as fh:
     json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, fh,
               indent=1)
-  network.save(os.path.join(f.model_dir, "network.keras"))
+  network.save(os.path.join(out_dir, "network.keras"))
+  if not chief:
+    return {"train_seconds": round(train_seconds, 1), "task": task}
   logging.info("final evaluation on the test split at epsilon %g", f.epsilon)
   test = splits.test
   if f.eval_batch_size:

@@ -45,6 +45,15 @@ def _is_verified(ub: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
   return tf.reduce_max(ub - 1e9 * onehot, axis=1) < 0.0
 
 
+def _for_reduction(logs: dict) -> dict:
+  """Keras reduces step outputs over workers with MEAN along axis 0 under
+  MultiWorkerMirroredStrategy, which rejects scalars: give them one axis there."""
+  if isinstance(tf.distribute.get_strategy(),
+                tf.distribute.MultiWorkerMirroredStrategy):
+    return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+  return logs
+
+
 class MixTrainModel(keras.Model):
   """Wraps a supported network; `fit` trains it by `method` (see module doc).
 
@@ -98,6 +107,13 @@ class MixTrainModel(keras.Model):
                      "epsilon")}
     self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.built = True  # the wrapped network is built; nothing else to create
+
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Keras first reduces a distributed data batch with MEAN to build the model
+    # symbolically, which fails under MultiWorkerMirroredStrategy. This model is
+    # built and compiles no loss or metrics: only the optimizer needs building.
+    with self.distribute_strategy.scope():
+      self._symbolic_build(data_batch=None)
 
   @property
   def metrics(self):
@@ -169,7 +185,7 @@ class MixTrainModel(keras.Model):
     t["alpha"].update_state(self.alpha)
     t["epsilon"].update_state(self.epsilon)
     self._accuracy.update_state(y, logits)
-    return {m.name: m.result() for m in self.metrics}
+    return _for_reduction({m.name: m.result() for m in self.metrics})
 
   def test_step(self, data):
     """Clean accuracy, clean loss and verified accuracy at the current epsilon."""
@@ -183,6 +199,6 @@ class MixTrainModel(keras.Model):
     self._trackers["loss"].update_state(clean)
     self._trackers["verified"].update_state(tf.cast(verified, tf.float32))
     self._accuracy.update_state(y, logits)
-    return {"loss": self._trackers["loss"].result(),
-            "accuracy": self._accuracy.result(),
-            "verified": self._trackers["verified"].result()}
+    return _for_reduction({"loss": self._trackers["loss"].result(),
+                           "accuracy": self._accuracy.result(),
+                           "verified": self._trackers["verified"].result()})

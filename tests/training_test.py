@@ -150,7 +150,7 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
     import numpy as np
     from mixtrain_tf import networks, training
 
-    BATCH, EPS, LR = 8, 0.1, 0.5
+    BATCH, EPS, LR = 8, 0.1, 0.1
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, (BATCH, 28, 28, 1)).astype(np.float32)
     y = rng.integers(0, 10, BATCH).astype(np.int32)
@@ -165,7 +165,7 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
         model = training.MixTrainModel(network, method=method, epsilon=EPS, k=k)
         model.compile(optimizer=keras.optimizers.SGD(LR))
       dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-      history = model.fit(dataset, epochs=1, verbose=0)
+      history = model.fit(dataset, epochs=1, verbose=0, shuffle=False)
       logs = {name: float(v[-1]) for name, v in history.history.items()}
       return [w.tolist() for w in network.get_weights()], logs
 
@@ -183,7 +183,8 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
       model = training.MixTrainModel(networks.build("mnist_small"),
                                      method="mixtrain", k=3)
       model.compile(optimizer=keras.optimizers.SGD(LR))
-    sample = tf.function(lambda: mirrored.run(lambda: model._sample(16)))
+    sample = tf.function(lambda: mirrored.run(model._sample, args=(16,)),
+                         autograph=False)
     out["samples"] = [t.numpy().tolist()
                       for t in mirrored.experimental_local_results(sample())]
     json.dump(out, sys.stdout)
@@ -254,7 +255,7 @@ def test_assigned_alpha_and_epsilon_reach_the_compiled_step(mnist_batch):
   One batch per epoch, so each epoch's logs are that one step's values.
   """
   x, y = mnist_batch
-  model = _model("mixtrain", k=BATCH, lr=0.05)
+  model = _model("mixtrain", k=BATCH, lr=1e-3)
   expected = {}
 
   def alpha_one(m):
@@ -267,7 +268,7 @@ def test_assigned_alpha_and_epsilon_reach_the_compiled_step(mnist_batch):
     expected["accuracy"] = float(np.mean(z.argmax(1) == y))
 
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-  history = model.fit(dataset, epochs=3, verbose=0,
+  history = model.fit(dataset, epochs=3, verbose=0, shuffle=False,
                       callbacks=[_AtEpoch({1: alpha_one, 2: eps_zero})]).history
   # Epoch 0: alpha = 0.5 and a positive radius, so loss != clean loss.
   assert history["alpha"][0] == pytest.approx(0.5)
@@ -289,7 +290,7 @@ def test_assigned_alpha_and_epsilon_reach_the_compiled_step(mnist_batch):
 
 def test_assigned_alpha_reaches_an_existing_train_function(mnist_batch):
   x, y = mnist_batch
-  model = _model("interval", lr=0.05)
+  model = _model("interval", lr=1e-3)
   model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
   train_function = model.train_function
   model.alpha.assign(1.0)

@@ -1,0 +1,240 @@
+"""Tests of the training script mixtrain_tf.train: flag errors, every flagfile on a
+tiny subset of its real dataset, outputs, and resuming a killed run.
+
+The flagfile runs call `train.run(FLAGS)` in this process; the error and resume
+tests start `python -m mixtrain_tf.train` as the user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from absl import flags
+
+from mixtrain_tf import data, networks, train
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+FLAGFILES = REPO_ROOT / "flags"
+FLAGS = flags.FLAGS
+if "network" not in FLAGS:
+  train.define_flags()
+
+
+def _env() -> dict:
+  return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+          "PYTHONPATH": os.pathsep.join([str(REPO_ROOT),
+                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _train_command(*args: str) -> list[str]:
+  return [sys.executable, "-m", "mixtrain_tf.train", *args]
+
+
+# -- flag errors ------------------------------------------------------------------
+
+BAD_FLAGS = {
+    "unknown_network": (["--network=resnet50"], r"--network=resnet50.*one of"),
+    "negative_epsilon": (["--epsilon=-1"], r"--epsilon must be in \[0, 1\]"),
+    "k_above_batch": (["--k=60", "--batch_size=50"], r"--k must be <= --batch_size"),
+    "network_dataset_mismatch": (["--dataset=cifar10", "--network=mnist_small"],
+                                 r"--network does not take --dataset's images"),
+    "missing_model_dir": ([], r"--model_dir must have a value"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+  """Starts one CLI process per BAD_FLAGS case, all at once; returns their results."""
+  root = tmp_path_factory.mktemp("bad_flags")
+  procs = {}
+  for name, (args, _) in BAD_FLAGS.items():
+    model_dir = root / name
+    flag_args = ["--flagfile=flags/mnist_small.cfg", *args]
+    if name != "missing_model_dir":
+      flag_args.append(f"--model_dir={model_dir}")
+    procs[name] = (subprocess.Popen(
+        _train_command(*flag_args), cwd=REPO_ROOT, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        time.perf_counter(), model_dir)
+  results = {}
+  for name, (proc, start, model_dir) in procs.items():
+    out, err = proc.communicate(timeout=120)
+    results[name] = (proc.returncode, out, err, time.perf_counter() - start,
+                     model_dir)
+  return results
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_flags_fail_fast_with_one_line(name, bad_flag_runs):
+  returncode, out, err, seconds, model_dir = bad_flag_runs[name]
+  assert returncode != 0
+  error_lines = [line for line in err.splitlines() if "Flags parsing error" in line]
+  assert len(error_lines) == 1, err[-3000:]
+  assert re.search(BAD_FLAGS[name][1], error_lines[0]), error_lines[0]
+  assert "Traceback" not in err, err[-3000:]
+  assert not model_dir.exists(), "training started: --model_dir was created"
+  assert "Epoch" not in out
+  assert seconds < 60, f"failing took {seconds:.0f} s"
+
+
+# -- every flagfile on a tiny subset --------------------------------------------
+
+
+@pytest.fixture
+def parse_flags(monkeypatch):
+  """Parses a command line into the global FLAGS, from the repo root (flagfiles
+  name each other relative to it); restores the test setup afterwards."""
+  monkeypatch.chdir(REPO_ROOT)
+
+  def parse(*args: str):
+    FLAGS.unparse_flags()
+    FLAGS(["train", *args])
+    return FLAGS
+
+  yield parse
+  FLAGS.unparse_flags()
+  FLAGS.mark_as_parsed()
+
+
+# Small subsets: 2 train batches of 10, 4 validation and 4 test examples.
+TINY = ["--epochs=1", "--batch_size=10", "--max_train_examples=20",
+        "--validation_size=10", "--max_eval_examples=4", "--eval_batch_size=2",
+        "--pgd_steps=2"]
+# The big networks' symbolic bounds cost seconds per example: k = 1, interval only.
+BIG = ["--k=1", "--final_methods=interval", "--eval_bound=interval"]
+SMOKE = {
+    "mnist_small": [],
+    "cifar_small": [],
+    "mnist_small_eps0.3": [],
+    "mnist_large": BIG,
+    "cifar_large": BIG,
+    "cifar_resnet": BIG,
+    "imagenet200": BIG,
+}
+FAST = {"mnist_small", "cifar_small", "cifar_resnet"}
+
+
+def test_every_flagfile_has_a_smoke_run():
+  assert {p.stem for p in FLAGFILES.glob("*.cfg")} == set(SMOKE)
+
+
+def _expected_flagfile_values(name: str) -> dict:
+  """The flag values a flagfile sets (following nested --flagfile lines)."""
+  values = {}
+  for line in (FLAGFILES / f"{name}.cfg").read_text().splitlines():
+    line = line.strip()
+    if line.startswith("--flagfile="):
+      values.update(_expected_flagfile_values(pathlib.Path(line.split("=", 1)[1]).stem))
+    elif line.startswith("--"):
+      key, value = line[2:].split("=", 1)
+      values[key] = value
+  return values
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in SMOKE])
+def test_flagfile_smoke_run(name, parse_flags, tmp_path):
+  model_dir = tmp_path / "run"
+  f = parse_flags(f"--flagfile=flags/{name}.cfg", *TINY, *SMOKE[name],
+                  f"--model_dir={model_dir}")
+  expected = _expected_flagfile_values(name)
+  assert f.network == expected["network"] and f.dataset == expected["dataset"]
+  metrics = train.run(f)
+
+  written = json.loads((model_dir / "metrics.json").read_text())
+  assert written == json.loads(json.dumps(metrics))
+  test = written["test"]
+  assert test["examples"] == 4
+  assert test["epsilon"] == pytest.approx(float(expected["epsilon"]))
+  methods = f.final_methods
+  assert set(test["verified"]) == set(methods)
+  assert set(test["attacks"]) == {"pgd"}
+  clean = test["clean"]["accuracy"]
+  pgd = test["attacks"]["pgd"]["accuracy"]
+  for leaf in [test["clean"], test["attacks"]["pgd"], *test["verified"].values()]:
+    assert 0.0 <= leaf["accuracy"] <= 1.0 and leaf["seconds"] >= 0.0
+    assert leaf["count"] == round(leaf["accuracy"] * 4)
+  assert all(v["accuracy"] <= pgd <= clean for v in test["verified"].values())
+  assert written["epochs"] == 1
+  assert written["train_seconds"] > 0
+  recorded = written["flags"]
+  assert recorded["network"] == expected["network"]
+  assert recorded["dataset"] == expected["dataset"]
+  assert recorded["epsilon"] == pytest.approx(float(expected["epsilon"]))
+  assert recorded["max_train_examples"] == 20 and recorded["epochs"] == 1
+  assert recorded["model_dir"] == str(model_dir)
+
+  flags_txt = (model_dir / "flags.txt").read_text()
+  assert f"--network={expected['network']}" in flags_txt
+  assert f"--model_dir={model_dir}" in flags_txt
+  assert list((model_dir / "logs").rglob("events.out.tfevents.*"))
+  history = json.loads((model_dir / "history.json").read_text())
+  assert {"loss", "clean_loss", "robust_loss", "val_verified", "val_accuracy"} <= (
+      set(history))
+  assert all(len(v) == 1 for v in history.values())
+  assert not (model_dir / "backup").exists(), "the backup outlived training"
+
+  network = keras.models.load_model(model_dir / "network.keras")
+  shape = networks.INPUT_SHAPES[expected["network"]]
+  logits = network.predict(np.zeros((2, *shape), np.float32), verbose=0)
+  assert logits.shape == (2, data.num_classes(expected["dataset"]))
+  assert (model_dir / "saved_model" / "saved_model.pb").is_file()
+
+
+# -- resume after a kill -------------------------------------------------------------
+
+
+def test_killed_run_resumes_from_its_backup(tmp_path):
+  """SIGKILL after the first epoch's backup; the same command finishes the run."""
+  model_dir = tmp_path / "run"
+  command = _train_command(
+      "--flagfile=flags/mnist_small.cfg", "--epochs=3", "--batch_size=10",
+      "--max_train_examples=200", "--validation_size=10", "--max_eval_examples=4",
+      "--eval_batch_size=4", "--final_methods=interval", "--pgd_steps=2",
+      "--eps_ramp_epochs=2", f"--model_dir={model_dir}")
+  metadata = model_dir / "backup" / "training_metadata.json"
+
+  def backed_up_epochs() -> int | None:
+    try:
+      return json.loads(metadata.read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+      return None
+
+  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.monotonic() + 240
+  while backed_up_epochs() is None:
+    if proc.poll() is not None:
+      pytest.fail("the run ended before its first backup: "
+                  + proc.stderr.read()[-3000:])
+    assert time.monotonic() < deadline, "no backup after 240 s"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=30)
+  proc.stderr.close()
+  assert proc.returncode == -signal.SIGKILL
+  done = backed_up_epochs()
+  assert done is not None and 1 <= done < 3, f"backup after {done} epochs"
+  assert not (model_dir / "metrics.json").exists()
+
+  rerun = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300, check=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["epochs"] == 3
+  history = json.loads((model_dir / "history.json").read_text())
+  assert history and all(len(v) == 3 - done for v in history.values()), (
+      f"history has {len(history['loss'])} epochs, expected {3 - done}: "
+      "the rerun started over instead of resuming")
+  assert not (model_dir / "backup").exists()
