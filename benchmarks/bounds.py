@@ -8,13 +8,17 @@ For each network of `mixtrain_tf.networks` it times, in a fresh worker process:
   as a user's verification loop would write it. Every function is called once to
   trace and warm up (that first call is reported separately), then timed.
 
-Peak memory is TensorFlow's own CPU allocator count (`EnableCPUAllocatorStats` +
-`tf.config.experimental.get_memory_info('CPU:0')`, reset before one steady-state
-call): the largest number of tensor bytes alive at once during the call, minus
-what was alive before it, divided by the batch. It does not count oneDNN/Eigen
-scratch buffers or Python objects. The worker's whole-process peak RSS (which also
-holds the TF runtime, tracing and graph optimisation) is printed next to it, and so
-is the engine's own estimate `mixtrain_tf.per_sample_bytes`.
+Peak memory is TensorFlow's own CPU allocator count,
+`tf.config.experimental.get_memory_info('CPU:0')` reset before one steady-state
+call: the largest number of tensor bytes alive at once during the call, minus what
+was alive before it, divided by the batch. With oneDNN on (TF's default on x86) the
+CPU device allocator serves tensors of 256 KiB and more from a counted BFC pool and
+smaller ones from an uncounted small-size pool, so this is the peak of the large
+tensors (tiny clean/interval batches read 0); it does not count oneDNN/Eigen
+scratch buffers or Python objects either. With oneDNN off the stats do not exist
+and the column reads n/a. Next to it: the engine's estimate
+`mixtrain_tf.per_sample_bytes`, and the worker's whole-process peak RSS (getrusage),
+which also holds the TF runtime, the symbolic plan, tracing and graph optimisation.
 
 For MNIST_Small it also times `mixtrain_tf.verified` (symbolic, eps 0.1) on real
 MNIST test images, with the authors' trained model when
@@ -53,24 +57,17 @@ def _import_tf():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("ERROR")
-  stats = _enable_cpu_allocator_stats(tf)
+  stats = _allocator_stats_available(tf)
   sys.path.insert(0, str(REPO))
   return tf, stats
 
 
-def _enable_cpu_allocator_stats(tf) -> bool:
-  """Turns on TF's CPU allocator byte counting (off by default, so get_memory_info
-  on CPU reports zeros). Returns False where the symbol is not found."""
-  import ctypes  # pylint: disable=g-import-not-at-top
-  tf_dir = pathlib.Path(tf.__file__).parent
-  for lib in sorted(tf_dir.glob("libtensorflow_framework.so*")):
-    try:
-      handle = ctypes.CDLL(str(lib))
-      handle._ZN3tsl23EnableCPUAllocatorStatsEv()  # tsl::EnableCPUAllocatorStats()
-      return True
-    except (OSError, AttributeError):
-      continue
-  return False
+def _allocator_stats_available(tf) -> bool:
+  try:
+    tf.config.experimental.get_memory_info("CPU:0")
+    return True
+  except ValueError:  # CPU allocator without stats (e.g. TF_ENABLE_ONEDNN_OPTS=0)
+    return False
 
 
 def _max_rss_mb() -> float:
@@ -125,6 +122,9 @@ def worker_network(name: str, batch: int | None, min_time: float) -> dict:
   keras.utils.set_random_seed(0)
   model = networks.build(name)
   num_classes = int(model.output_shape[-1])
+  t = time.perf_counter()
+  plan = api._plan(api.bound_graph(model))  # pylint: disable=protected-access
+  plan_s = time.perf_counter() - t  # built once per model, eagerly, on first use
   est = {m: api.per_sample_bytes(model, m) for m in ("interval", "symbolic")}
   if batch is None:  # what compute_bounds' default memory budget would allow
     budget = api.DEFAULT_MEMORY_BUDGET_MB * 2**20
@@ -134,12 +134,12 @@ def worker_network(name: str, batch: int | None, min_time: float) -> dict:
   x = tf.constant(rng.uniform(size=(batch,) + networks.INPUT_SHAPES[name]),
                   tf.float32)
   y = tf.constant(rng.integers(0, num_classes, size=batch), tf.int32)
-  plan = api._plan(api.bound_graph(model))  # pylint: disable=protected-access
 
   result = {"network": name, "batch": batch, "eps": eps,
             "params": int(model.count_params()), "est_bytes": est,
             "plan": {str(k): t.mode for k, t in plan.targets.items()},
-            "allocator_stats": stats, "rss_before_mb": _max_rss_mb()}
+            "allocator_stats": stats, "plan_s": plan_s,
+            "rss_after_plan_mb": _max_rss_mb()}
   runs = {"clean": (tf.function(lambda x, y: model(x, training=False)), x, y)}
   if batch != MAX_AUTO_BATCH:  # clean throughput at a full batch, for reference
     x50 = tf.constant(rng.uniform(size=(MAX_AUTO_BATCH,) + networks.INPUT_SHAPES[name]),
@@ -202,7 +202,7 @@ def worker_mnist_verify(num_images: int, eps: float) -> dict:
 
   for method in ("symbolic", "interval"):
     times, cpu = [], []
-    for _ in range(3):  # first call builds the plan; report the later ones
+    for _ in range(2 if method == "symbolic" else 3):  # report the warm calls
       t, c = time.perf_counter(), time.process_time()
       ok = mixtrain_tf.verified(model, x, y, eps, method=method).numpy()
       times.append(time.perf_counter() - t)
@@ -286,12 +286,15 @@ def report(results: list[dict], mnist: dict | None) -> str:
         r["network"], str(r["batch"]), _ms(c["per_sample_s"]),
         _ms(i["per_sample_s"]), f"{i['per_sample_s'] / c['per_sample_s']:.3g}x",
         _ms(s["per_sample_s"]), f"{s['per_sample_s'] / c['per_sample_s']:.3g}x",
-        _ms(s["cpu_s"] / s["batch"]), f"{s['first_call_s']:.1f}", f"{s['reps']}"])
+        _ms(s["cpu_s"] / s["batch"]), f"{r['plan_s']:.1f}",
+        f"{s['first_call_s']:.1f}", f"{s['reps']}"])
   out.append("Time per sample (ms, wall clock; median of the timed calls after one "
              "warm-up call; ratios to the clean forward at the same batch; "
-             "sym CPU = process CPU time of both cores)\n")
+             "sym CPU = process CPU time of both cores; one-off costs in s: "
+             "plan = building the symbolic plan, 1st call = trace + graph "
+             "optimisation + first run of the symbolic tf.function)\n")
   out.append(_table(["network", "batch", "clean", "interval", "int/clean",
-                     "symbolic", "sym/clean", "sym CPU", "sym 1st call s",
+                     "symbolic", "sym/clean", "sym CPU", "plan s", "sym 1st call s",
                      "sym reps"], rows))
   clean50 = [r for r in ok if "clean@50" in r]
   if clean50:
@@ -308,13 +311,14 @@ def report(results: list[dict], mnist: dict | None) -> str:
         _mb(r["est_bytes"]["interval"]),
         _mb(r["symbolic"]["peak_bytes_per_sample"]),
         _mb(r["est_bytes"]["symbolic"]),
-        f"{r['max_rss_mb']:.0f}"])
-  out.append("\nPeak memory per sample (MB = 1e6 bytes): measured = peak extra tensor "
-             "bytes in TF's CPU allocator during one steady call / batch; "
-             "est = mixtrain_tf.per_sample_bytes; worker RSS = whole-process peak\n")
+        f"{r['rss_after_plan_mb']:.0f}", f"{r['max_rss_mb']:.0f}"])
+  out.append("\nPeak memory per sample (MB = 1e6 bytes): meas = peak extra bytes of "
+             "tensors >= 256 KiB in TF's CPU allocator during one steady call / batch; "
+             "est = mixtrain_tf.per_sample_bytes; RSS = whole-process peak RSS of the "
+             "worker after building the plan, and at the end\n")
   out.append(_table(["network", "batch", "clean meas", "interval meas",
                      "interval est", "symbolic meas", "symbolic est",
-                     "worker peak RSS MB"], rows))
+                     "RSS after plan MB", "RSS peak MB"], rows))
   for r in results:
     if "error" in r:
       out.append(f"\nFAILED {r.get('network', '?')}: {r['error']}")

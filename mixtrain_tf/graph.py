@@ -8,6 +8,7 @@ layer raises a `ValueError` naming it, its class and the supported set.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 
 import keras
@@ -49,6 +50,34 @@ def _activation_name(layer) -> str:
   if isinstance(name, dict):
     name = name.get("config", name.get("class_name"))
   return str(name)
+
+
+# Per-channel affine forms y = x * scale + shift of the normalization layers,
+# read from the layers' variables at call time.
+def _rescaling_scale(layer):
+  return ops._f32(layer.scale)
+
+
+def _rescaling_shift(layer):
+  return ops._f32(layer.offset)
+
+
+def _normalization_scale(layer):
+  return 1.0 / tf.maximum(tf.sqrt(ops._f32(layer.variance)), keras.config.epsilon())
+
+
+def _normalization_shift(layer):
+  return -ops._f32(layer.mean) * _normalization_scale(layer)
+
+
+def _batchnorm_scale(layer):
+  s = tf.math.rsqrt(ops._f32(layer.moving_variance) + layer.epsilon)
+  return s * ops._f32(layer.gamma) if layer.scale else s
+
+
+def _batchnorm_shift(layer):
+  b = -ops._f32(layer.moving_mean) * _batchnorm_scale(layer)
+  return b + ops._f32(layer.beta) if layer.center else b
 
 
 class BoundGraph:
@@ -159,24 +188,20 @@ class BoundGraph:
       return self._add(layer.name, ops.IdentityOp(), [x])
     if isinstance(layer, L.Rescaling):
       return self._add(layer.name, ops.ScaleShiftOp(
-          lambda l=layer: ops._f32(l.scale), lambda l=layer: ops._f32(l.offset)), [x])
+          functools.partial(_rescaling_scale, layer),
+          functools.partial(_rescaling_shift, layer)), [x])
     if isinstance(layer, L.Normalization):
       if layer.invert:
         raise _unsupported(layer, "is an inverting Normalization")
-      def scale(l=layer):
-        return 1.0 / tf.maximum(tf.sqrt(ops._f32(l.variance)), keras.config.epsilon())
       return self._add(layer.name, ops.ScaleShiftOp(
-          scale, lambda l=layer, s=scale: -ops._f32(l.mean) * s()), [x])
+          functools.partial(_normalization_scale, layer),
+          functools.partial(_normalization_shift, layer)), [x])
     if isinstance(layer, L.BatchNormalization):
       if layer.axis not in (-1, len(layer.input.shape) - 1):
         raise _unsupported(layer, "normalizes an axis other than the last")
-      def bn_scale(l=layer):
-        s = tf.math.rsqrt(ops._f32(l.moving_variance) + l.epsilon)
-        return s * ops._f32(l.gamma) if l.scale else s
-      def bn_shift(l=layer, s=bn_scale):
-        b = -ops._f32(l.moving_mean) * s()
-        return b + ops._f32(l.beta) if l.center else b
-      return self._add(layer.name, ops.ScaleShiftOp(bn_scale, bn_shift), [x])
+      return self._add(layer.name, ops.ScaleShiftOp(
+          functools.partial(_batchnorm_scale, layer),
+          functools.partial(_batchnorm_shift, layer)), [x])
     bound_op = getattr(layer, "bound_op", None)
     if callable(bound_op):  # our own layers describe themselves
       return self._add(layer.name, bound_op(), [x])

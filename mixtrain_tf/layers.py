@@ -37,6 +37,14 @@ class InputNormalization(keras.layers.Layer):
     return {**super().get_config(), "mean": self.mean, "std": self.std}
 
   def bound_op(self) -> ops.ScaleShiftOp:
+    """x * (1 / std) + (-mean / std), per channel."""
     scale = [1.0 / s for s in self.std]
     shift = [-m / s for m, s in zip(self.mean, self.std)]
-    return ops.ScaleShiftOp(lambda: tf.constant(scale), lambda: tf.constant(shift))
+
+    def scale_fn():
+      return tf.constant(scale)
+
+    def shift_fn():
+      return tf.constant(shift)
+
+    return ops.ScaleShiftOp(scale_fn, shift_fn)

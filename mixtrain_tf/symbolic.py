@@ -36,7 +36,7 @@ from mixtrain_tf import ops
 from mixtrain_tf.bounds import SymbolicBounds
 from mixtrain_tf.graph import BoundGraph
 
-_BYTES_PER_VALUE = 4 * 3  # float32, with room for the intermediate tensors
+_BYTES_PER_VALUE = 4 * 4  # float32, with room for the intermediate tensors
 
 
 @dataclasses.dataclass
@@ -45,7 +45,26 @@ class _Source:
   index: int
   kind: str  # "direct" or "forward"
   chain: tuple[int, ...] = ()  # node indices from source (excl.) to target (incl.)
-  basis: np.ndarray | None = None  # [K, *source_shape] (forward)
+  shape: tuple[int, ...] = ()  # the source's shape
+  period: tuple[int, int] | None = None  # colour grid (forward, spatial sources)
+
+  @property
+  def colours(self) -> int:
+    """K, the number of basis images pushed forward."""
+    if self.period is None:
+      return int(np.prod(self.shape))
+    return self.period[0] * self.period[1] * self.shape[-1]
+
+  def basis(self) -> tf.Tensor:
+    """[K, *shape]: image k is 1 at every position and channel of colour k."""
+    n = self.colours
+    if self.period is None:
+      return tf.reshape(tf.eye(n), (n,) + self.shape)
+    h, w, c = self.shape
+    py, px = self.period
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    colour = ((yy % py) * px + (xx % px))[..., None] * c + np.arange(c)  # [h, w, c]
+    return tf.transpose(tf.one_hot(colour, n), [3, 0, 1, 2])
 
 
 @dataclasses.dataclass
@@ -110,32 +129,18 @@ class Plan:
           and sum(op.mixing for op in affine) <= 1):
         sources.append(_Source(s, "direct", tuple(chain)))
         continue
-      basis = self._basis(s, z, chain)
-      sources.append(_Source(s, "forward", tuple(chain), basis))
-      fwd_cost += len(basis) * self._flops(chain)
-      fwd_values = max(fwd_values, len(basis) * self._max_values(chain))
+      s_shape = nodes[s].op.out_shape
+      period = self._period(s, z, chain) if len(s_shape) == 3 else None
+      src = _Source(s, "forward", tuple(chain), s_shape, period)
+      sources.append(src)
+      fwd_cost += src.colours * self._flops(chain)
+      fwd_values = max(fwd_values, src.colours * self._max_values(chain))
     rows = self._size(z)
     bwd_cost = rows * self._flops(self.ancestors[z])
     bwd_values = rows * self._max_values(self.ancestors[z])
     if fwd_cost <= bwd_cost:
       return _Target(z, "forward", sources, fwd_cost, fwd_values)
     return _Target(z, "backward", [], bwd_cost, bwd_values)
-
-  def _basis(self, s: int, z: int, chain: list[int]) -> np.ndarray:
-    """Basis images of the source, summed over non-interfering positions."""
-    s_shape = self.graph.nodes[s].op.out_shape
-    period = self._period(s, z, chain) if len(s_shape) == 3 else None
-    if period is None:
-      n = int(np.prod(s_shape))
-      return np.eye(n, dtype=np.float32).reshape((n,) + s_shape)
-    h, w, c = s_shape
-    py, px = period
-    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    colour = (yy % py) * px + (xx % px)  # [h, w]
-    basis = np.zeros((py * px, c, h, w, c), np.float32)
-    for ch in range(c):
-      basis[colour, ch, yy, xx, ch] = 1.0
-    return basis.reshape((py * px * c, h, w, c))
 
   def _period(self, s: int, z: int, chain: list[int]) -> tuple[int, int] | None:
     """Smallest grid period (py, px) so that no target neuron sees two source
@@ -233,7 +238,7 @@ class _State:
       for i in src.chain:
         r = nodes[i].op.abs_linear(r)
       return r
-    x = {src.index: r[:, None] * tf.constant(src.basis)[None]}
+    x = {src.index: r[:, None] * src.basis()[None]}
     for i in src.chain:
       op = nodes[i].op
       ins = [x[j] for j in nodes[i].inputs if j in x]

@@ -32,7 +32,11 @@ def define_flags():
   flags.DEFINE_enum("dataset", "mnist", data.DATASETS, "Dataset.")
   flags.DEFINE_enum("network", "mnist_small", networks.NAMES, "Network.")
   flags.DEFINE_enum("method", "mixtrain", training.METHODS, "Training method.")
-  flags.DEFINE_float("epsilon", 0.1, "Target L-inf radius in [0, 1] pixel units.")
+  flags.DEFINE_float("epsilon", 0.1, "L-inf radius of the final test evaluation, in "
+                     "[0, 1] pixel units.")
+  flags.DEFINE_float("train_epsilon", None, "Radius that training ramps to "
+                     "(default: --epsilon). Training slightly above the test radius "
+                     "leaves a margin for verification.")
   flags.DEFINE_integer("k", 5, "Robust points sampled per replica batch (mixtrain).")
   flags.DEFINE_integer("batch_size", 50, "Global batch size.")
   flags.DEFINE_integer("epochs", 20, "Epochs.")
@@ -90,6 +94,8 @@ def define_flags():
                            "--learning_rate must be > 0.")
   flags.register_validator("alpha", lambda v: 0 <= v <= 1, "--alpha must be in [0, 1].")
   flags.register_validator("eps_start", lambda v: v >= 0, "--eps_start must be >= 0.")
+  flags.register_validator("train_epsilon", lambda v: v is None or 0 <= v <= 1,
+                           "--train_epsilon must be in [0, 1].")
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
       lambda f: f["method"] != "mixtrain" or f["k"] <= f["batch_size"],
@@ -204,7 +210,8 @@ def run(argv_flags=FLAGS) -> dict:
     opt = (keras.optimizers.Adam(lr) if f.optimizer == "adam"
            else keras.optimizers.SGD(lr, momentum=0.9))
     model.compile(optimizer=opt, jit_compile=False)
-  cbs = [callbacks.EpsilonRamp(f.epsilon, f.eps_ramp_epochs, start=f.eps_start,
+  train_epsilon = f.train_epsilon if f.train_epsilon is not None else f.epsilon
+  cbs = [callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
                                warmup_epochs=f.eps_warmup_epochs,
                                per_step=f.eps_ramp_per_step),
          _EpochSeconds()]

@@ -15,8 +15,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 try:
   from mixtrain_tf import pretrained
@@ -24,15 +23,21 @@ except ImportError:  # run as a script from a checkout that is not installed
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from mixtrain_tf import pretrained
 
-_NPZ = flags.DEFINE_string("npz", None, "The authors' MNIST_Small weights (.npz).")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the model (.keras).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines --npz and --output (once per process; importing defines nothing)."""
+  flags.DEFINE_string("npz", None, "The authors' MNIST_Small weights (.npz).")
+  flags.DEFINE_string("output", None, "Where to write the model (.keras).")
+  flags.mark_flags_as_required(["npz", "output"])
 
 
 def import_authors(npz: str, output: str) -> pathlib.Path:
   """Loads `npz` into `networks.build("mnist_small")` and saves it to `output`."""
   out = pathlib.Path(output)
   if out.suffix != ".keras":
-    raise ValueError(f"--output must end in .keras, got {output!r}.")
+    raise ValueError(f"output must end in .keras, got {output!r}.")
   model = pretrained.load_authors_mnist_small(npz)
   out.parent.mkdir(parents=True, exist_ok=True)
   model.save(out)
@@ -43,12 +48,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    out = import_authors(_NPZ.value, _OUTPUT.value)
+    out = import_authors(FLAGS.npz, FLAGS.output)
   except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
   print(f"Saved {out}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["npz", "output"])
+  define_flags()
   app.run(main)
