@@ -94,7 +94,11 @@ def _check(model, x, epsilon, method, y=None, clip=(0.0, 1.0)):
 
 def _chunked(fn, model, method, memory_budget_mb, *tensors):
   """Applies fn to slices of the batch so one call stays inside the budget."""
-  budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * 2**20
+  if memory_budget_mb is None:
+    memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB
+  if not memory_budget_mb > 0:
+    raise ValueError(f"memory_budget_mb must be > 0, got {memory_budget_mb}.")
+  budget = memory_budget_mb * 2**20
   chunk = max(1, int(budget // max(1, per_sample_bytes(model, method))))
   n = tensors[0].shape[0]
   if n is None or n <= chunk:

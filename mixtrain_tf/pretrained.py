@@ -81,15 +81,17 @@ def load_authors_mnist_small(path: str | os.PathLike) -> keras.Model:
   for prefix, name in _MNIST_SMALL_LAYERS:
     layer = model.get_layer(name)
     w, b = arrays[f"{prefix}_weight"], arrays[f"{prefix}_bias"]
-    if isinstance(layer, keras.layers.Conv2D):
-      kernel = conv_kernel_from_torch(w) if w.ndim == 4 else w
-    else:
-      kernel = dense_kernel_from_torch(w, chw if name == "fc1" else None) if (
-          w.ndim == 2) else w
-    want = tuple(layer.kernel.shape), tuple(layer.bias.shape)
-    if (kernel.shape, b.shape) != want:
+    k = tuple(layer.kernel.shape)  # Keras: (kh, kw, in, out) or (in, out)
+    conv = isinstance(layer, keras.layers.Conv2D)
+    torch_shape = (k[3], k[2]) + k[:2] if conv else k[::-1]
+    if w.shape != torch_shape or b.shape != tuple(layer.bias.shape):
       raise ValueError(
           f"{os.fspath(path)}: {prefix}_weight {w.shape} / {prefix}_bias {b.shape} do "
-          f"not fit layer '{name}' (kernel {want[0]}, bias {want[1]} in Keras layout).")
+          f"not fit layer '{name}': expected {torch_shape} / "
+          f"{tuple(layer.bias.shape)} (PyTorch layout).")
+    if conv:
+      kernel = conv_kernel_from_torch(w)
+    else:
+      kernel = dense_kernel_from_torch(w, chw if name == "fc1" else None)
     layer.set_weights([kernel, b])
   return model

@@ -174,9 +174,9 @@ def run(argv_flags=FLAGS) -> dict:
   # Only the chief writes to --model_dir; other workers write their (identical)
   # outputs to model_dir/workers/<task>/, which can be deleted after training.
   out_dir = f.model_dir if chief else os.path.join(f.model_dir, "workers", task)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "flags.txt"), "w") as fh:
-    fh.write(f.flags_into_string())
+  if f.method == "mixtrain" and f.k > f.batch_size // replicas:
+    raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
+                         f"{f.batch_size // replicas} ({replicas} replicas).")
   keras.utils.set_random_seed(f.seed)
   augment = f.augment if f.augment is not None else f.dataset in ("cifar10",
                                                                   "imagenet200")
@@ -191,9 +191,9 @@ def run(argv_flags=FLAGS) -> dict:
         tf.data.experimental.AutoShardPolicy.DATA)
     splits = data.Splits(*(None if d is None else d.with_options(options)
                            for d in (splits.train, splits.validation, splits.test)))
-  if f.method == "mixtrain" and f.k > f.batch_size // replicas:
-    raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
-                         f"{f.batch_size // replicas} ({replicas} replicas).")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "flags.txt"), "w") as fh:
+    fh.write(f.flags_into_string())
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
     model = training.MixTrainModel(
@@ -223,12 +223,14 @@ def run(argv_flags=FLAGS) -> dict:
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
     cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,
                                       start_epoch=start))
-  cbs += [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"))]
+  cbs += [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
+                                          double_checkpoint=True)]
   if chief:
     cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
   start_time = time.perf_counter()
   history = model.fit(splits.train, validation_data=validation, epochs=f.epochs,
-                      callbacks=cbs, verbose=1 if sys.stdout.isatty() else 2)
+                      callbacks=cbs, shuffle=False,  # the pipeline shuffles
+                      verbose=1 if sys.stdout.isatty() else 2)
   train_seconds = time.perf_counter() - start_time
   with open(os.path.join(out_dir, "history.json"), "w") as fh:
     json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, fh,
@@ -265,7 +267,10 @@ def run(argv_flags=FLAGS) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run()
+  try:
+    run()
+  except data.DataNotFoundError as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -788,9 +788,7 @@ def test_unknown_method(call):
 # -- the six networks --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [
-    "mnist_small", "cifar_small", "cifar_resnet", "imagenet200_resnet", "mnist_large",
-    pytest.param("cifar_large", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", networks.NAMES)
 def test_six_networks_bound_their_outputs(name):
   model = networks.build(name)
   small = name.endswith("small")
@@ -836,3 +834,10 @@ def test_tiny_memory_budget_gives_same_bounds(method, monkeypatch):
     _assert_close(a, b, tol)
   np.testing.assert_array_equal(parts_ok, np.max(np.where(
       np.eye(10)[y] > 0, -np.inf, whole_ub), 1) < 0)
+
+
+def test_non_positive_memory_budget_is_an_error():
+  model = networks.build("mnist_small")
+  x = np.zeros((2, 28, 28, 1), np.float32)
+  with pytest.raises(ValueError, match="memory_budget_mb must be > 0"):
+    mixtrain_tf.compute_bounds(model, x, 0.1, memory_budget_mb=0)
