@@ -26,7 +26,7 @@ def per_sample_bytes(model: keras.Model, method: str = "symbolic") -> int:
   graph = bound_graph(model)
   if method == "interval":
     return 3 * 4 * max(int(np.prod(n.op.out_shape)) for n in graph.nodes)
-  return symbolic._BYTES_PER_VALUE * _plan(graph).values_per_sample
+  return int(symbolic._BYTES_PER_VALUE * _plan(graph).values_per_sample)
 
 
 def input_box(x: tf.Tensor, epsilon, clip_min: float = 0.0,
@@ -44,13 +44,16 @@ def margin_spec(y: tf.Tensor, num_classes: int) -> tf.Tensor:
   return tf.eye(num_classes)[None] - onehot[:, None, :]
 
 
+@tf.autograph.experimental.do_not_convert
 def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
               method: str = "symbolic", spec: tf.Tensor | None = None
               ) -> IntervalBounds | SymbolicBounds:
   """Bounds of the output (or spec @ output) over the box [lower, upper].
 
   No input checks and no chunking: the building block for training steps
-  (works inside `tf.function`). `spec` is [batch, m, num_outputs].
+  (works inside `tf.function`). `spec` is [batch, m, num_outputs]. The engines
+  have no tensor-dependent Python control flow, so AutoGraph is kept out: it once
+  failed converting the bound graph's construction on first use in a trace.
   """
   graph = bound_graph(model)
   if method == "interval":

@@ -254,6 +254,7 @@ _GRAPHS: "weakref.WeakKeyDictionary[keras.Model, BoundGraph]" = (
     weakref.WeakKeyDictionary())
 
 
+@tf.autograph.experimental.do_not_convert
 def bound_graph(model: keras.Model) -> BoundGraph:
   """The bound graph of `model`, built on first use and cached with the model."""
   graph = _GRAPHS.get(model)

@@ -170,7 +170,7 @@ class Plan:
       if hit.any():
         py = max(py, ys[hit].max() - ys[hit].min() + 1)
         px = max(px, xs[hit].max() - xs[hit].min() + 1)
-    return min(py, h), min(px, w)
+    return int(min(py, h)), int(min(px, w))
 
 
 def _relax(lower, upper):

@@ -193,7 +193,7 @@ def run(argv_flags=FLAGS) -> dict:
                            for d in (splits.train, splits.validation, splits.test)))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "flags.txt"), "w") as fh:
-    fh.write(f.flags_into_string())
+    fh.write("".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
     model = training.MixTrainModel(

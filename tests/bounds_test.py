@@ -19,7 +19,7 @@ import reference  # tests/reference.py (conftest puts tests/ on sys.path)
 import tensorflow as tf
 
 import mixtrain_tf
-from mixtrain_tf import api, networks, ops, pretrained
+from mixtrain_tf import api, data, networks, ops, pretrained
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import bound_graph
 from mixtrain_tf.layers import InputNormalization
@@ -601,11 +601,9 @@ def test_symbolic_agrees_with_reference(net):
 @functools.cache
 def _mnist_test(n: int) -> tuple[np.ndarray, np.ndarray]:
   """The first n MNIST test images ([n, 28, 28, 1] in [0, 1]) and labels."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load("mnist", split="test", data_dir=str(SHARED / "tfds"), download=False)
-  batch = next(iter(ds.take(n).batch(n)))
-  return (batch["image"].numpy().astype(np.float32) / 255.0,
-          batch["label"].numpy().astype(np.int64))
+  x, y = next(iter(data.load("mnist", "test", data_dir=SHARED / "tfds",
+                             batch_size=n, max_examples=n)))
+  return x.numpy(), y.numpy().astype(np.int64)
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mixtrain_tf import networks, pretrained
+from mixtrain_tf import data, networks, pretrained
 from mixtrain_tf.layers import InputNormalization
 
 L = keras.layers
@@ -216,12 +216,10 @@ def test_unknown_network_lists_the_names():
 
 @functools.cache
 def _mnist_test(n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first n MNIST test images ([n, 28, 28, 1], pixels / 255) and labels."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load("mnist", split="test", data_dir=str(SHARED / "tfds"), download=False)
-  batch = next(iter(ds.take(n).batch(n)))
-  return (batch["image"].numpy().astype(np.float32) / 255.0,
-          batch["label"].numpy().astype(np.int64))
+  """The first n MNIST test images ([n, 28, 28, 1] in [0, 1]) and labels."""
+  x, y = next(iter(data.load("mnist", "test", data_dir=SHARED / "tfds",
+                             batch_size=n, max_examples=n)))
+  return x.numpy(), y.numpy().astype(np.int64)
 
 
 def _torch_conv(x, w, b, stride, pad):
