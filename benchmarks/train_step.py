@@ -17,7 +17,6 @@ import time
 from absl import app, flags
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mixtrain_tf import data, networks, training

@@ -12,7 +12,6 @@ import functools
 import weakref
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mixtrain_tf import ops
