@@ -59,7 +59,10 @@ class DynamicAlpha(keras.callbacks.Callback):
   the previous epoch. If verified accuracy fell by more than `tolerance`, move alpha
   toward the robust term (alpha -= delta); else if clean accuracy fell by more than
   `tolerance`, move it toward the clean term (alpha += delta). Clamp to
-  [alpha_min, alpha_max]. The new alpha is written to the logs as `alpha`.
+  [alpha_min, alpha_max]. The new alpha is written to the logs as `alpha`. The
+  previous epoch's metrics are also kept in `model.alpha_rule_memory` (when the
+  model has it, as MixTrainModel does), so a run resumed from a backup applies the
+  rule from its first epoch.
   """
 
   def __init__(self, delta: float = 0.05, alpha_min: float = 0.0,
@@ -82,6 +85,11 @@ class DynamicAlpha(keras.callbacks.Callback):
           f"DynamicAlpha needs '{self.verified_key}' and '{self.accuracy_key}' in "
           "the epoch logs: pass validation_data to fit().")
     current = (float(logs[self.accuracy_key]), float(logs[self.verified_key]))
+    memory = getattr(self.model, "alpha_rule_memory", None)
+    if self._previous is None and memory is not None:  # e.g. a resumed run
+      saved = memory.numpy()
+      if saved.min() >= 0:
+        self._previous = (float(saved[0]), float(saved[1]))
     alpha = float(self.model.alpha.numpy())
     if epoch >= self.start_epoch and self._previous is not None:
       (acc0, ver0), (acc1, ver1) = self._previous, current
@@ -92,4 +100,6 @@ class DynamicAlpha(keras.callbacks.Callback):
       alpha = min(self.alpha_max, max(self.alpha_min, alpha))
       self.model.alpha.assign(alpha)
     self._previous = current
+    if memory is not None:
+      memory.assign(current)
     logs["alpha"] = alpha

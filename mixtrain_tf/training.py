@@ -101,6 +101,11 @@ class MixTrainModel(keras.Model):
     self.alpha = self.add_weight(
         name="alpha", shape=(), initializer=keras.initializers.Constant(alpha),
         trainable=False)
+    # DynamicAlpha's last (clean, verified) validation accuracy, -1 before the
+    # first epoch: a model variable so that a resumed run keeps the rule's state.
+    self.alpha_rule_memory = self.add_weight(
+        name="alpha_rule_memory", shape=(2,),
+        initializer=keras.initializers.Constant(-1.0), trainable=False)
     self._trackers = {
         name: keras.metrics.Mean(name=name)
         for name in ("loss", "clean_loss", "robust_loss", "verified", "alpha",

@@ -481,3 +481,17 @@ def test_unsupported_layer_is_rejected_at_construction():
   out = keras.layers.Dense(10)(keras.layers.Flatten()(x))
   with pytest.raises(ValueError, match="max_pooling2d"):
     training.MixTrainModel(keras.Model(inputs, out))
+
+
+def test_dynamic_alpha_rule_state_survives_a_new_callback():
+  """A resumed run builds a fresh callback: the rule reads the model's memory."""
+  model = types.SimpleNamespace(alpha=tf.Variable(0.5),
+                                alpha_rule_memory=tf.Variable([-1.0, -1.0]))
+  first = callbacks.DynamicAlpha(delta=0.1)
+  first.set_model(model)
+  first.on_epoch_end(0, {"val_accuracy": 0.9, "val_verified": 0.8})
+  np.testing.assert_allclose(model.alpha_rule_memory.numpy(), [0.9, 0.8])
+  resumed = callbacks.DynamicAlpha(delta=0.1)
+  resumed.set_model(model)
+  resumed.on_epoch_end(1, {"val_accuracy": 0.9, "val_verified": 0.7})
+  assert float(model.alpha.numpy()) == pytest.approx(0.4)
