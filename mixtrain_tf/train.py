@@ -214,7 +214,7 @@ def run(argv_flags=FLAGS) -> dict:
   cbs = [callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
                                warmup_epochs=f.eps_warmup_epochs,
                                per_step=f.eps_ramp_per_step),
-         _EpochSeconds()]
+         _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
   validation = splits.validation
   if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
     if validation is None:
