@@ -160,6 +160,12 @@ def verified(model: keras.Model, x, y, epsilon, method: str = "symbolic",
   """True where the bound proves no point of the ball changes the label y."""
   ub = margin_upper_bounds(model, x, y, epsilon, method, clip_min, clip_max,
                            memory_budget_mb)
-  y = tf.cast(tf.convert_to_tensor(y), tf.int32)
-  masked = tf.where(tf.one_hot(y, tf.shape(ub)[1]) > 0, -np.inf, ub)
-  return tf.reduce_max(masked, axis=1) < 0.0
+  return is_verified(ub, tf.convert_to_tensor(y))
+
+
+def is_verified(margin_upper: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """max over j != y of the margin upper bounds [batch, classes] < 0, per example."""
+  y = tf.cast(y, tf.int32)
+  others = tf.where(tf.one_hot(y, tf.shape(margin_upper)[1]) > 0, -np.inf,
+                    margin_upper)
+  return tf.reduce_max(others, axis=1) < 0.0

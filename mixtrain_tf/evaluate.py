@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags
 
-from mixtrain_tf import data, evaluation
+from mixtrain_tf import attacks, data, evaluation
 from mixtrain_tf import layers as _layers  # noqa: F401  (registers custom layers)
 
 FLAGS = flags.FLAGS
@@ -36,8 +36,9 @@ def define_flags():
   flags.DEFINE_list("attacks", ["pgd"], "Attacks: pgd, interval.")
   flags.DEFINE_integer("num_examples", None, "Evaluate the first N test examples.")
   flags.DEFINE_integer("batch_size", 100, "Batch size.")
-  flags.DEFINE_integer("pgd_steps", 40, "PGD steps per restart.")
-  flags.DEFINE_float("pgd_step_size", 0.01, "PGD step size.")
+  flags.DEFINE_integer("pgd_steps", None, "PGD steps per restart (default: per "
+                       "dataset, attacks.PGD_DEFAULTS).")
+  flags.DEFINE_float("pgd_step_size", None, "PGD step size (default: per dataset).")
   flags.DEFINE_integer("restarts", 1, "Attack restarts.")
   flags.DEFINE_string("output", None, "Write the JSON result here.")
   flags.mark_flag_as_required("model")
@@ -88,8 +89,9 @@ def main(argv):
                    batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
   result = evaluation.evaluate(
       network, test, FLAGS.epsilon, methods=tuple(FLAGS.methods),
-      attack_names=tuple(FLAGS.attacks), pgd_steps=FLAGS.pgd_steps,
-      pgd_step_size=FLAGS.pgd_step_size, pgd_restarts=FLAGS.restarts,
+      attack_names=tuple(FLAGS.attacks),
+      **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
+      pgd_restarts=FLAGS.restarts,
       num_examples=FLAGS.num_examples, predict_fn=predict_fn,
       margins_fn=margins_fn)
   result["model"] = FLAGS.model

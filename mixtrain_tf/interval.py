@@ -45,12 +45,12 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
     op = last.op
     rows = op.transpose(tf.reshape(spec, tf.concat(
         [tf.shape(spec)[:2], op.out_shape], 0)))  # [B, m, *in_shape]
-    center = _rowdot(rows, pre.center)
+    center = ops.rowdot(rows, pre.center)
     b = op.bias()
     if b is not None:
       center += tf.linalg.matvec(
           spec, tf.reshape(tf.broadcast_to(b, op.out_shape), [-1]))
-    rad = _rowdot(tf.abs(rows), pre.radius)
+    rad = ops.rowdot(tf.abs(rows), pre.radius)
     return IntervalBounds(center - rad, center + rad)
   out = node_bounds(graph, lower, upper)[-1]
   batch = tf.shape(spec)[0]
@@ -58,9 +58,3 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
   r = tf.linalg.matvec(tf.abs(spec), tf.reshape(out.radius, [batch, -1]))
   return IntervalBounds(c - r, c + r)
 
-
-def _rowdot(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-  """sum over the trailing dims of rows [B, m, *s] * x [B, *s] -> [B, m]."""
-  b = tf.shape(rows)[0]
-  m = tf.shape(rows)[1]
-  return tf.einsum("bmk,bk->bm", tf.reshape(rows, [b, m, -1]), tf.reshape(x, [b, -1]))

@@ -39,6 +39,12 @@ def _split(x: tf.Tensor, lead: tf.Tensor) -> tf.Tensor:
   return tf.reshape(x, tf.concat([lead, tf.shape(x)[1:]], 0))
 
 
+def rowdot(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+  """sum over the trailing dims of rows [B, m, *s] * x [B, *s] -> [B, m]."""
+  b, m = tf.shape(rows)[0], tf.shape(rows)[1]
+  return tf.einsum("bmk,bk->bm", tf.reshape(rows, [b, m, -1]), tf.reshape(x, [b, -1]))
+
+
 class BoundOp:
   """Base class of bound operators. `in_shape`/`out_shape` exclude the batch."""
 

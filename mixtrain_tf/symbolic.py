@@ -184,13 +184,6 @@ def _relax(lower, upper):
   return lam, mu
 
 
-def _abs_sum_rows(a: tf.Tensor, r: tf.Tensor) -> tf.Tensor:
-  """sum over trailing dims of |a| [B, m, *s] * r [B, *s] -> [B, m]."""
-  b, m = tf.shape(a)[0], tf.shape(a)[1]
-  return tf.einsum("bmk,bk->bm", tf.reshape(tf.abs(a), [b, m, -1]),
-                   tf.reshape(r, [b, -1]))
-
-
 class _State:
   """Center, lam and source radii of one forward pass."""
 
@@ -215,7 +208,7 @@ class _State:
         continue
       if i in self.rad:
         r = self.rad[i]
-        radius += _abs_sum_rows(a, r)
+        radius += ops.rowdot(tf.abs(a), r)
         if keep:
           coeffs[i] = a * r[:, None]
       op = nodes[i].op

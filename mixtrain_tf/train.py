@@ -20,7 +20,8 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from mixtrain_tf import callbacks, data, evaluation, export, networks, training
+from mixtrain_tf import (attacks, callbacks, data, evaluation, export, networks,
+                         training)
 
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
@@ -73,8 +74,9 @@ def define_flags():
   flags.DEFINE_boolean("eps_ramp_per_step", True, "Ramp every step (else per epoch).")
   flags.DEFINE_enum("eval_bound", "symbolic", ["interval", "symbolic"],
                     "Bound for validation verified accuracy.")
-  flags.DEFINE_integer("pgd_steps", 40, "PGD steps (pgd training and evaluation).")
-  flags.DEFINE_float("pgd_step_size", 0.01, "PGD step size.")
+  flags.DEFINE_integer("pgd_steps", None, "PGD steps (pgd training and evaluation; "
+                       "default: per dataset, attacks.PGD_DEFAULTS).")
+  flags.DEFINE_float("pgd_step_size", None, "PGD step size (default: per dataset).")
   flags.DEFINE_list("final_methods", ["interval", "symbolic"], "Bound methods for "
                     "the final test evaluation.")
   flags.DEFINE_boolean("final_pgd", True, "PGD accuracy in the final evaluation.")
@@ -168,6 +170,7 @@ class _EpochSeconds(keras.callbacks.Callback):
 def run(argv_flags=FLAGS) -> dict:
   """Trains per the flags; returns the metrics written to metrics.json."""
   f = argv_flags
+  pgd = attacks.pgd_settings(f.dataset, f.pgd_steps, f.pgd_step_size)
   # A multi-worker strategy must exist before any other TensorFlow work.
   strategy, chief, task = _strategy(f.strategy)
   replicas = strategy.num_replicas_in_sync
@@ -198,8 +201,7 @@ def run(argv_flags=FLAGS) -> dict:
     network = networks.build(f.network, data.num_classes(f.dataset))
     model = training.MixTrainModel(
         network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
-        eval_bound=f.eval_bound, pgd_steps=f.pgd_steps,
-        pgd_step_size=f.pgd_step_size, seed=f.seed)
+        eval_bound=f.eval_bound, seed=f.seed, **pgd)
     steps = int(splits.train.cardinality())
     lr = f.learning_rate
     if f.lr_decay_epochs:
@@ -244,8 +246,7 @@ def run(argv_flags=FLAGS) -> dict:
     test = test.unbatch().batch(f.eval_batch_size)
   result = evaluation.evaluate(
       network, test, f.epsilon, methods=tuple(f.final_methods),
-      attack_names=("pgd",) if f.final_pgd else (), pgd_steps=f.pgd_steps,
-      pgd_step_size=f.pgd_step_size, verbose=True)
+      attack_names=("pgd",) if f.final_pgd else (), verbose=True, **pgd)
   metrics = {
       "test": result, "train_seconds": round(train_seconds, 1),
       "epochs": history.epoch[-1] + 1 if history.epoch else f.epochs,

@@ -40,11 +40,6 @@ def robust_margins(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
                        spec=api.margin_spec(y, n_out)).upper
 
 
-def _is_verified(ub: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-  onehot = tf.one_hot(y, tf.shape(ub)[1])
-  return tf.reduce_max(ub - 1e9 * onehot, axis=1) < 0.0
-
-
 def _for_reduction(logs: dict) -> dict:
   """Keras reduces step outputs over workers with MEAN along axis 0 under
   MultiWorkerMirroredStrategy, which rejects scalars: give them one axis there."""
@@ -143,7 +138,7 @@ class MixTrainModel(keras.Model):
                         self.clip_min, self.clip_max)
     per_example = keras.losses.sparse_categorical_crossentropy(
         y, ub, from_logits=True)
-    return per_example, _is_verified(ub, y)
+    return per_example, api.is_verified(ub, y)
 
   def train_step(self, data):
     x, y = data[0], tf.cast(data[1], tf.int32)
@@ -199,7 +194,7 @@ class MixTrainModel(keras.Model):
     clean = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
     ub = robust_margins(self.network, x, y, self.epsilon, self.eval_bound,
                         self.clip_min, self.clip_max)
-    verified = tf.logical_and(_is_verified(ub, y),
+    verified = tf.logical_and(api.is_verified(ub, y),
                               tf.equal(tf.argmax(logits, 1, tf.int32), y))
     self._trackers["loss"].update_state(clean)
     self._trackers["verified"].update_state(tf.cast(verified, tf.float32))

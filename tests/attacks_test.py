@@ -115,3 +115,11 @@ def test_evaluate_cli_bad_flags_are_one_line_errors(args, message, tmp_path):
   assert run.returncode != 0
   assert message in run.stderr
   assert "Traceback" not in run.stderr
+
+
+def test_pgd_settings_default_per_dataset_and_keep_given_values():
+  assert attacks.pgd_settings("mnist") == {"pgd_steps": 40, "pgd_step_size": 0.01}
+  cifar = attacks.pgd_settings("cifar10")
+  assert cifar["pgd_step_size"] == pytest.approx(0.5 / 255)
+  assert attacks.pgd_settings("cifar10", 7, 0.003) == {"pgd_steps": 7,
+                                                       "pgd_step_size": 0.003}
