@@ -1,10 +1,15 @@
-"""Callbacks that steer MixTrain: the epsilon ramp and dynamic alpha (MIXTRAIN.md 4).
+"""Callbacks that steer MixTrain: the epsilon ramp, dynamic alpha (MIXTRAIN.md 4) and
+a wall-clock training budget.
 
-Both assign the model's non-trainable variables (`model.epsilon`, `model.alpha`),
+They assign the model's non-trainable variables (`model.epsilon`, `model.alpha`),
 which the compiled train step reads, so a change takes effect at the next step.
 """
 
 from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
 
 import keras
 
@@ -31,7 +36,7 @@ class EpsilonRamp(keras.callbacks.Callback):
     self._epoch = 0
 
   def value(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
-    """Epsilon at `step` of `epoch` (both from 0)."""
+    """Epsilon at `step` of `epoch` (both from 0; `epoch` may be fractional)."""
     progress = epoch - self.warmup_epochs
     if self.per_step:
       progress += step / max(1, steps_per_epoch)
@@ -62,7 +67,8 @@ class DynamicAlpha(keras.callbacks.Callback):
   [alpha_min, alpha_max]. The new alpha is written to the logs as `alpha`. The
   previous epoch's metrics are also kept in `model.alpha_rule_memory` (when the
   model has it, as MixTrainModel does), so a run resumed from a backup applies the
-  rule from its first epoch.
+  rule from its first epoch. Under a `TimeBudget` (listed before this callback),
+  `start_epoch` counts the budget's schedule epochs, not real ones.
   """
 
   def __init__(self, delta: float = 0.05, alpha_min: float = 0.0,
@@ -91,7 +97,9 @@ class DynamicAlpha(keras.callbacks.Callback):
       if saved.min() >= 0:
         self._previous = (float(saved[0]), float(saved[1]))
     alpha = float(self.model.alpha.numpy())
-    if epoch >= self.start_epoch and self._previous is not None:
+    # Epochs done; under a TimeBudget, on its schedule (it logs before us).
+    done = logs.get("schedule_epoch", epoch + 1)
+    if done >= self.start_epoch + 1 and self._previous is not None:
       (acc0, ver0), (acc1, ver1) = self._previous, current
       if ver1 < ver0 - self.tolerance:
         alpha -= self.delta
@@ -103,3 +111,80 @@ class DynamicAlpha(keras.callbacks.Callback):
     if memory is not None:
       memory.assign(current)
     logs["alpha"] = alpha
+
+
+class TimeBudget(keras.callbacks.Callback):
+  """Trains for `seconds` of wall time, laying an epoch-based schedule over them.
+
+  Used to compare training methods at equal cost: every method gets the same
+  seconds, and the schedule written for `epochs` nominal epochs (the eps ramp, the
+  LR decay, when dynamic alpha starts) is stretched over those seconds. At
+  training time t the schedule stands at epoch `epochs * t / seconds`. Time spent
+  inside `paused()` (e.g. measuring a learning curve) does not count; validation
+  does (dynamic alpha needs it). Training stops after the first step at or past
+  the budget (Keras still runs that epoch's validation and callbacks).
+
+  Logs `train_seconds` (training time so far) and `schedule_epoch` at each epoch
+  end. The clock starts at `on_train_begin`: a run resumed from a backup gets a new
+  full budget.
+
+  Args:
+    seconds: training time budget.
+    epochs: nominal epochs of the schedule.
+    ramp: the epsilon schedule (its `value(epoch)` is read; do not also pass it to
+      `fit`).
+    learning_rate: optional function from schedule epoch to learning rate; the
+      optimizer's learning rate must then be a plain value, not a schedule.
+  """
+
+  def __init__(self, seconds: float, epochs: float, ramp: EpsilonRamp,
+               learning_rate: Callable[[float], float] | None = None):
+    super().__init__()
+    if seconds <= 0 or epochs <= 0:
+      raise ValueError(f"seconds and epochs must be > 0, got {seconds}, {epochs}.")
+    self.seconds, self.epochs = float(seconds), float(epochs)
+    self.ramp, self.learning_rate = ramp, learning_rate
+    self._start = None
+    self._excluded = 0.0
+
+  def train_seconds(self) -> float:
+    """Training seconds so far (0 before training starts)."""
+    if self._start is None:
+      return 0.0
+    return time.perf_counter() - self._start - self._excluded
+
+  def schedule_epoch(self) -> float:
+    return self.epochs * min(1.0, self.train_seconds() / self.seconds)
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time inside this block is not training time."""
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - t
+
+  def _apply(self):
+    e = self.schedule_epoch()
+    self.model.epsilon.assign(self.ramp.value(e if self.ramp.per_step else int(e)))
+    if self.learning_rate is not None:
+      self.model.optimizer.learning_rate = self.learning_rate(e)
+
+  def on_train_begin(self, logs=None):
+    self._start, self._excluded = time.perf_counter(), 0.0
+    self._apply()
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._apply()
+
+  def on_train_batch_end(self, batch, logs=None):
+    if self.train_seconds() >= self.seconds:
+      self.model.stop_training = True
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.train_seconds() >= self.seconds:  # e.g. validation used up the rest
+      self.model.stop_training = True
+    if logs is not None:
+      logs["train_seconds"] = self.train_seconds()
+      logs["schedule_epoch"] = self.schedule_epoch()

@@ -5,14 +5,22 @@ r"""Trains a network with MixTrain (or a baseline) and writes everything to --mo
 Outputs: TensorBoard logs (`logs/`), a resumable backup (`backup/`, removed when
 training ends; a killed run restarted with the same command continues where it
 stopped), `flags.txt` (resolved flags), `history.json`, `network.keras`,
-`metrics.json` (test clean / PGD / verified accuracy, train seconds, flags) and
-`saved_model/` (see `mixtrain_tf.export`).
+`metrics.json` (test clean / PGD / verified accuracy, train seconds, peak memory,
+flags), `saved_model/` (see `mixtrain_tf.export`) and, with --curve_examples,
+`curve.json` (accuracy against training seconds).
+
+With --time_budget_s, training runs for that many seconds (not counting curve
+measurements) and the flagfile's epoch schedule is stretched over them, so that
+methods of different cost can be compared at equal time
+(`experiments/compare.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import sys
 import time
 
@@ -25,6 +33,7 @@ from mixtrain_tf import (attacks, callbacks, data, evaluation, export, networks,
 
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
+_BUDGET_MAX_EPOCHS = 100_000  # --time_budget_s stops training, not an epoch count
 
 
 def define_flags():
@@ -84,6 +93,15 @@ def define_flags():
                        "(default: --batch_size).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.DEFINE_boolean("export", True, "Write saved_model/.")
+  flags.DEFINE_float("time_budget_s", None, "Train for this many seconds instead of "
+                     "--epochs epochs; the schedule written for --epochs (eps ramp, "
+                     "LR decay, dynamic alpha start) is stretched over them.")
+  flags.DEFINE_integer("curve_examples", 0, "Measure clean and verified accuracy "
+                       "(at --epsilon, --final_methods) on the first N test images "
+                       "during training, into curve.json; its time is not training "
+                       "time.")
+  flags.DEFINE_float("curve_every", 1.0, "Epochs (schedule epochs under "
+                     "--time_budget_s) between two curve points.")
 
   _FLAG_NAMES[:] = sorted(set(FLAGS) - before)
   flags.mark_flag_as_required("model_dir")
@@ -96,6 +114,11 @@ def define_flags():
                            "--learning_rate must be > 0.")
   flags.register_validator("alpha", lambda v: 0 <= v <= 1, "--alpha must be in [0, 1].")
   flags.register_validator("eps_start", lambda v: v >= 0, "--eps_start must be >= 0.")
+  flags.register_validator("time_budget_s", lambda v: v is None or v > 0,
+                           "--time_budget_s must be > 0.")
+  flags.register_validator("curve_examples", lambda v: v >= 0,
+                           "--curve_examples must be >= 0.")
+  flags.register_validator("curve_every", lambda v: v > 0, "--curve_every must be > 0.")
   flags.register_validator("train_epsilon", lambda v: v is None or 0 <= v <= 1,
                            "--train_epsilon must be in [0, 1].")
   flags.register_multi_flags_validator(
@@ -156,6 +179,62 @@ def _strategy(name: str):
   return tf.distribute.get_strategy(), True, "chief"
 
 
+class _Curve(keras.callbacks.Callback):
+  """Clean and verified accuracy on test images against training seconds.
+
+  Writes curve.json (a list of points) after every point, so a stopped run keeps
+  its curve. Evaluation time is excluded from the training seconds (and from the
+  budget's clock).
+  """
+
+  def __init__(self, network, dataset, epsilon, methods, every, path,
+               budget: callbacks.TimeBudget | None = None):
+    super().__init__()
+    self.network, self.dataset, self.epsilon = network, dataset, epsilon
+    self.methods, self.every, self.path, self.budget = methods, every, path, budget
+    self.points: list[dict] = []
+    self.eval_seconds = 0.0
+
+  def on_train_begin(self, logs=None):
+    self._t0, self._last, self._epoch = time.perf_counter(), 0.0, 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    # Under a budget, points are taken every `every` schedule epochs, mid-epoch if
+    # need be (an epoch of an expensive method may be most of the budget).
+    if self.budget and self.budget.schedule_epoch() >= self._last + self.every - 1e-9:
+      self._point(self._epoch, self.budget.schedule_epoch())
+
+  def on_epoch_end(self, epoch, logs=None):
+    done = self.budget.schedule_epoch() if self.budget else epoch + 1.0
+    last = self.model.stop_training or epoch + 1 == self.params.get("epochs")
+    if (done >= self._last + self.every - 1e-9 or last) and (
+        not self.points or done > self.points[-1]["schedule_epoch"]):
+      self._point(epoch, done)
+
+  def _point(self, epoch, done):
+    self._last = done
+    train_seconds = (self.budget.train_seconds() if self.budget else
+                     time.perf_counter() - self._t0 - self.eval_seconds)
+    t = time.perf_counter()
+    with self.budget.paused() if self.budget else contextlib.nullcontext():
+      result = evaluation.evaluate(self.network, self.dataset, self.epsilon,
+                                   methods=self.methods, attack_names=(),
+                                   verbose=False)
+    self.eval_seconds += time.perf_counter() - t
+    self.points.append({
+        "epoch": epoch + 1, "schedule_epoch": done,
+        "train_seconds": round(train_seconds, 2),
+        "train_epsilon": float(self.model.epsilon.numpy()),
+        "alpha": float(self.model.alpha.numpy()),
+        "examples": result["examples"], "clean": result["clean"]["accuracy"],
+        "verified": {m: v["accuracy"] for m, v in result["verified"].items()}})
+    with open(self.path, "w") as fh:
+      json.dump(self.points, fh, indent=1)
+
+
 class _EpochSeconds(keras.callbacks.Callback):
   """Adds `epoch_seconds` to the epoch logs (so TensorBoard plots it)."""
 
@@ -204,7 +283,7 @@ def run(argv_flags=FLAGS) -> dict:
         eval_bound=f.eval_bound, seed=f.seed, **pgd)
     steps = int(splits.train.cardinality())
     lr = f.learning_rate
-    if f.lr_decay_epochs:
+    if f.lr_decay_epochs and not f.time_budget_s:
       bounds = [int(e) * steps for e in f.lr_decay_epochs]
       lr = keras.optimizers.schedules.PiecewiseConstantDecay(
           bounds, [f.learning_rate * f.lr_decay_factor**i
@@ -213,10 +292,17 @@ def run(argv_flags=FLAGS) -> dict:
            else keras.optimizers.SGD(lr, momentum=0.9))
     model.compile(optimizer=opt, jit_compile=False)
   train_epsilon = f.train_epsilon if f.train_epsilon is not None else f.epsilon
-  cbs = [callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
+  ramp = callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
                                warmup_epochs=f.eps_warmup_epochs,
-                               per_step=f.eps_ramp_per_step),
-         _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
+                               per_step=f.eps_ramp_per_step)
+  budget, epochs = None, f.epochs
+  if f.time_budget_s:
+    decay_at = sorted(int(e) for e in f.lr_decay_epochs)
+    budget = callbacks.TimeBudget(
+        f.time_budget_s, f.epochs, ramp,
+        lambda e: f.learning_rate * f.lr_decay_factor**sum(e >= d for d in decay_at))
+    epochs = _BUDGET_MAX_EPOCHS
+  cbs = [budget or ramp, _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
   validation = splits.validation
   if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
     if validation is None:
@@ -227,13 +313,22 @@ def run(argv_flags=FLAGS) -> dict:
                                       start_epoch=start))
   cbs += [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
                                           double_checkpoint=True)]
+  curve = None
+  if f.curve_examples and chief:
+    curve = _Curve(network, splits.test.unbatch().take(f.curve_examples).batch(
+        f.eval_batch_size or f.batch_size), f.epsilon, tuple(f.final_methods),
+        f.curve_every, os.path.join(out_dir, "curve.json"), budget)
+    cbs.append(curve)
   if chief:
     cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
   start_time = time.perf_counter()
-  history = model.fit(splits.train, validation_data=validation, epochs=f.epochs,
+  history = model.fit(splits.train, validation_data=validation, epochs=epochs,
                       callbacks=cbs, shuffle=False,  # the pipeline shuffles
                       verbose=1 if sys.stdout.isatty() else 2)
-  train_seconds = time.perf_counter() - start_time
+  train_seconds = time.perf_counter() - start_time - (curve.eval_seconds if curve
+                                                       else 0.0)
+  # Peak resident memory of this process so far (training, data, TensorFlow).
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   with open(os.path.join(out_dir, "history.json"), "w") as fh:
     json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, fh,
               indent=1)
@@ -249,6 +344,7 @@ def run(argv_flags=FLAGS) -> dict:
       attack_names=("pgd",) if f.final_pgd else (), verbose=True, **pgd)
   metrics = {
       "test": result, "train_seconds": round(train_seconds, 1),
+      "train_peak_rss_mb": round(peak_mb, 1),
       "epochs": history.epoch[-1] + 1 if history.epoch else f.epochs,
       "flags": {name: f[name].value for name in _FLAG_NAMES},
   }

@@ -1,4 +1,5 @@
-"""BUILD lists every module, tool, benchmark and test file, and nothing else.
+"""BUILD lists every module, tool, benchmark, experiment and test file, and nothing
+else.
 
 Bazel cannot run here offline, so this test evaluates BUILD as the Starlark subset
 it uses (py_library / py_binary / py_test calls with literal lists) and compares the
@@ -36,7 +37,7 @@ def test_every_source_file_is_declared_exactly_once():
   declared = [s for t in targets.values() for s in t["srcs"]]
   assert len(declared) == len(set(declared)), "a file is in two targets"
   on_disk = (_files("mixtrain_tf/*.py") | _files("tests/*.py") | _files("tools/*.py")
-             | _files("benchmarks/*.py"))
+             | _files("benchmarks/*.py") | _files("experiments/*.py"))
   assert set(declared) == on_disk, (
       f"missing from BUILD: {sorted(on_disk - set(declared))}; "
       f"in BUILD but not on disk: {sorted(set(declared) - on_disk)}")

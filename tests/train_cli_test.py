@@ -273,3 +273,36 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
       f"history has {len(history['loss'])} epochs, expected {3 - done}: "
       "the rerun started over instead of resuming")
   assert not (model_dir / "backup").exists()
+
+
+# -- time budget and learning curve ---------------------------------------------------
+
+
+def test_time_budget_run_stops_by_time_and_writes_a_curve(parse_flags, tmp_path):
+  model_dir = tmp_path / "run"
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", "--batch_size=10",
+                  "--max_train_examples=20", "--validation_size=10",
+                  "--max_eval_examples=4", "--eval_batch_size=2", "--pgd_steps=2",
+                  "--time_budget_s=6", "--curve_examples=3", "--curve_every=6",
+                  "--export=false", f"--model_dir={model_dir}")
+  metrics = train.run(f)
+  # 18 nominal epochs (the flagfile) laid over 6 s: many short real epochs.
+  assert metrics["epochs"] > 1
+  assert metrics["train_seconds"] >= 6.0
+  assert metrics["train_peak_rss_mb"] > 100
+  history = json.loads((model_dir / "history.json").read_text())
+  assert history["train_seconds"][-1] >= 6.0
+  assert history["schedule_epoch"][-1] == pytest.approx(18.0)
+  assert history["epsilon"][-1] == pytest.approx(0.125)  # ramped to --train_epsilon
+  curve = json.loads((model_dir / "curve.json").read_text())
+  assert len(curve) >= 2
+  assert [p["schedule_epoch"] for p in curve][-1] == pytest.approx(18.0)
+  assert all(b["schedule_epoch"] >= a["schedule_epoch"] + 6 - 1e-6
+             for a, b in zip(curve[:-1], curve[1:-1]))
+  seconds = [p["train_seconds"] for p in curve]
+  assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 1
+  for p in curve:
+    assert p["examples"] == 3
+    assert set(p["verified"]) == {"interval", "symbolic"}
+    assert all(0.0 <= v <= p["clean"] <= 1.0 for v in p["verified"].values())
+  assert curve[-1]["train_epsilon"] == pytest.approx(0.125)

@@ -495,3 +495,85 @@ def test_dynamic_alpha_rule_state_survives_a_new_callback():
   resumed.set_model(model)
   resumed.on_epoch_end(1, {"val_accuracy": 0.9, "val_verified": 0.7})
   assert float(model.alpha.numpy()) == pytest.approx(0.4)
+
+
+# -- TimeBudget -------------------------------------------------------------------
+
+
+class _FakeClock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def _budget(monkeypatch, seconds=10.0, epochs=5, **ramp_kwargs):
+  clock = _FakeClock()
+  monkeypatch.setattr(callbacks.time, "perf_counter", clock)
+  ramp = callbacks.EpsilonRamp(0.2, ramp_epochs=2, **ramp_kwargs)
+  budget = callbacks.TimeBudget(seconds, epochs, ramp,
+                                learning_rate=lambda e: 1e-3 * 0.1**(e >= 3))
+  model = types.SimpleNamespace(epsilon=tf.Variable(0.0), stop_training=False,
+                                optimizer=types.SimpleNamespace(learning_rate=None))
+  budget.set_model(model)
+  return budget, model, clock
+
+
+def test_time_budget_lays_the_epoch_schedule_over_the_seconds(monkeypatch):
+  budget, model, clock = _budget(monkeypatch)  # 10 s for 5 epochs: 2 s an epoch
+  budget.on_train_begin()
+  seen = []
+  for t in [0.0, 1.0, 2.0, 4.0, 5.9, 6.0, 9.9]:
+    clock.now = 100.0 + t
+    budget.on_train_batch_begin(0)
+    seen.append((float(model.epsilon.numpy()), model.optimizer.learning_rate))
+    budget.on_train_batch_end(0)
+    assert not model.stop_training
+  assert [e for e, _ in seen] == pytest.approx([0.0, 0.05, 0.1, 0.2, 0.2, 0.2, 0.2])
+  assert [lr for _, lr in seen] == pytest.approx([1e-3] * 5 + [1e-4] * 2)
+  clock.now = 110.0
+  budget.on_train_batch_end(0)
+  assert model.stop_training
+  logs = {}
+  budget.on_epoch_end(0, logs)
+  assert logs == {"train_seconds": pytest.approx(10.0), "schedule_epoch": 5.0}
+
+
+def test_time_budget_does_not_count_paused_time(monkeypatch):
+  budget, model, clock = _budget(monkeypatch)
+  budget.on_train_begin()
+  clock.now = 103.0
+  with budget.paused():
+    clock.now = 150.0  # e.g. measuring a learning curve
+  clock.now = 152.0
+  assert budget.train_seconds() == pytest.approx(5.0)
+  budget.on_train_batch_end(0)
+  assert not model.stop_training
+
+
+def test_time_budget_per_epoch_ramp_steps_on_whole_schedule_epochs(monkeypatch):
+  budget, model, clock = _budget(monkeypatch, per_step=False)
+  budget.on_train_begin()
+  clock.now = 103.9  # schedule epoch 1.95: the per-epoch ramp is still at epoch 1
+  budget.on_train_batch_begin(0)
+  assert float(model.epsilon.numpy()) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("seconds,epochs", [(0, 5), (-1, 5), (10, 0)])
+def test_time_budget_rejects_empty_budget(seconds, epochs):
+  with pytest.raises(ValueError, match="> 0"):
+    callbacks.TimeBudget(seconds, epochs, callbacks.EpsilonRamp(0.1, 1))
+
+
+def test_dynamic_alpha_starts_on_the_budget_schedule():
+  cb = _alpha_callback(0.5, delta=0.1, start_epoch=2)
+  cb.on_epoch_end(0, {"val_accuracy": 0.9, "val_verified": 0.5,
+                      "schedule_epoch": 1.2})
+  # Real epoch 5 but schedule epoch 2.9 < start_epoch + 1: not yet.
+  cb.on_epoch_end(5, {"val_accuracy": 0.9, "val_verified": 0.4,
+                      "schedule_epoch": 2.9})
+  assert float(cb.model.alpha.numpy()) == pytest.approx(0.5)
+  cb.on_epoch_end(6, {"val_accuracy": 0.9, "val_verified": 0.3,
+                      "schedule_epoch": 3.0})
+  assert float(cb.model.alpha.numpy()) == pytest.approx(0.4)

@@ -1,0 +1,150 @@
+"""Tests of the experiment scripts: experiments/compare.py (methods at an equal time
+budget) and experiments/robust_loss_distribution.py (the paper's Figure 5), each
+run end to end on a tiny subset of real MNIST, plus their helpers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mixtrain_tf import networks
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _module(name: str):
+  spec = importlib.util.spec_from_file_location(
+      name, REPO_ROOT / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+compare = _module("compare")
+distribution = _module("robust_loss_distribution")
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT),
+                                        os.environ.get("PYTHONPATH", "")])}
+  return subprocess.run([sys.executable, f"experiments/{script}.py", *args],
+                        cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+TINY = ("--max_train_examples=40 --batch_size=10 --validation_size=10 "
+        "--max_eval_examples=6 --eval_batch_size=3 --pgd_steps=2")
+
+
+def test_compare_trains_each_method_for_the_budget_and_reports(tmp_path):
+  out = tmp_path / "compare"
+  args = ["--settings=0.1:flags/mnist_small.cfg", "--methods=mixtrain,clean",
+          "--budget_s=4", "--jobs=2", "--curve_examples=3", "--curve_every=6",
+          "--levels=0,0.99", f"--train_args={TINY}", f"--out={out}"]
+  result = _run("compare", *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((out / "results.json").read_text())["runs"]
+  assert [(r["epsilon"], r["method"]) for r in rows] == [(0.1, "mixtrain"),
+                                                         (0.1, "clean")]
+  for r in rows:
+    assert r["train_seconds"] >= 4.0
+    assert r["peak_rss_mb"] > 100
+    assert r["examples"] == 6
+    assert set(r["verified"]) == {"interval", "symbolic"}
+    assert 0.0 <= r["pgd"] <= r["clean"] <= 1.0
+    assert r["curve"] and r["curve"][-1]["schedule_epoch"] == pytest.approx(18.0)
+    # Level 0 is reached at the first curve point; 99% verified is not.
+    assert r["seconds_to_level"]["0"] == r["curve"][0]["train_seconds"]
+    assert r["seconds_to_level"]["0.99"] is None
+    flags_txt = (pathlib.Path(r["run"]) / "flags.txt").read_text()
+    assert f"--method={r['method']}" in flags_txt
+    assert "--time_budget_s=4.0" in flags_txt
+  table = (out / "results.md").read_text().splitlines()
+  assert table[0].startswith("| eps | method |") and len(table) == 4
+  assert "| 0.1 | mixtrain |" in table[2] and "never" in table[2]
+  for png in ("verified_vs_time.png", "alpha_epsilon.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Run again: finished runs are skipped, the report is rebuilt.
+  again = _run("compare", *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("skip (done)") == 2
+
+
+def test_speedups_compare_times_to_the_symbolic_level():
+  def row(method, points):
+    return {"epsilon": 0.1, "method": method, "curve": [
+        {"train_seconds": t, "verified": {"symbolic": v}} for t, v in points]}
+  rows = [row("symbolic", [(100, 0.3), (400, 0.6), (500, 0.5)]),
+          row("mixtrain", [(20, 0.4), (50, 0.65)]), row("clean", [(10, 0.0)])]
+  items = {s["method"]: s for s in compare.speedups(rows)}
+  assert items["mixtrain"]["level"] == 0.6
+  assert items["mixtrain"]["reference_seconds"] == 400
+  assert items["mixtrain"]["seconds"] == 50 and items["mixtrain"]["speedup"] == 8.0
+  assert items["clean"]["seconds"] is None and items["clean"]["speedup"] is None
+  text = compare.speedup_table(list(items.values()))
+  assert "| 0.1 | 60.0% | mixtrain | 50 | 400 | 8.0x |" in text
+  assert "| 0.1 | 60.0% | clean | never | 400 | - |" in text
+
+
+def test_compare_rejects_a_bad_setting():
+  result = _run("compare", "--settings=0.1:flags/no_such.cfg", "--out=/nonexistent")
+  assert result.returncode != 0
+  assert "--settings entry '0.1:flags/no_such.cfg'" in result.stderr
+
+
+def test_first_time_reads_the_curve():
+  curve = [{"train_seconds": 10.0, "verified": {"symbolic": 0.2, "interval": 0.5}},
+           {"train_seconds": 20.0, "verified": {"symbolic": 0.7, "interval": 0.1}}]
+  assert compare.first_time(curve, 0.5) == 10.0  # the best bound method counts
+  assert compare.first_time(curve, 0.6) == 20.0
+  assert compare.first_time(curve, 0.8) is None
+  assert compare.first_time([], 0.0) is None
+
+
+def test_mixtrain_sample_draws_k_distinct_points_per_batch():
+  losses = np.arange(1000, dtype=np.float64)  # a point's loss is its index
+  sampled, estimates, batch_means = distribution.mixtrain_sample(losses, 50, 5, 0)
+  assert sampled.shape == (100,) and estimates.shape == batch_means.shape == (20,)
+  picks = sampled.reshape(20, 5).astype(int)
+  assert all(len(set(row)) == 5 for row in picks)
+  assert len(set(picks.ravel())) == 100  # batches partition the set
+  np.testing.assert_allclose(estimates, picks.mean(1))
+  # k = B: the estimate is the batch mean.
+  _, full, means = distribution.mixtrain_sample(losses, 50, 50, 0)
+  np.testing.assert_allclose(full, means)
+  np.testing.assert_allclose(np.sort(means * 50).sum(), losses.sum())
+
+
+def test_ks_distance():
+  a = np.array([0.0, 1.0, 2.0, 3.0])
+  assert distribution.ks_distance(a, a) == 0.0
+  assert distribution.ks_distance(a, a + 10) == 1.0
+  assert distribution.ks_distance(a, np.array([0.0, 1.0])) == pytest.approx(0.5)
+
+
+def test_robust_loss_distribution_end_to_end(tmp_path):
+  model = tmp_path / "net.keras"
+  networks.build("mnist_small").save(model)
+  out = tmp_path / "fig5"
+  result = _run("robust_loss_distribution", f"--model={model}", "--epsilon=0.05",
+                "--k=2", "--batch_size=10", "--max_examples=60", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  stats = json.loads(out.with_suffix(".json").read_text())
+  assert stats["examples"] == 60 and stats["k"] == 2
+  assert stats["mean_all"] > 0 and 0 <= stats["ks_distance"] <= 1
+  assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_robust_loss_distribution_says_when_the_model_is_missing(tmp_path):
+  result = _run("robust_loss_distribution", f"--model={tmp_path}")
+  assert result.returncode != 0
+  assert "no network at" in result.stderr
