@@ -139,10 +139,11 @@ def main(argv):
   }
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.with_suffix(".json").write_text(json.dumps(stats, indent=1))
+  # Appended, not with_suffix: "--out=runs/eps0.1" must not lose its ".1".
+  pathlib.Path(f"{out}.json").write_text(json.dumps(stats, indent=1))
   plot(losses, sampled, estimates, batch_means,
        f"{FLAGS.dataset}, eps {FLAGS.epsilon:g}, k={FLAGS.k} of {FLAGS.batch_size}",
-       out.with_suffix(".png"))
+       pathlib.Path(f"{out}.png"))
   print(json.dumps(stats, indent=1))
 
 
