@@ -93,6 +93,9 @@ def define_flags():
                        "(default: --batch_size).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
   flags.DEFINE_boolean("export", True, "Write saved_model/.")
+  flags.DEFINE_string("init_weights", None, "Start from the weights of this network "
+                      "(a .keras file or a training --model_dir), e.g. to continue "
+                      "training with other settings.")
   flags.DEFINE_float("time_budget_s", None, "Train for this many seconds instead of "
                      "--epochs epochs; the schedule written for --epochs (eps ramp, "
                      "LR decay, dynamic alpha start) is stretched over them.")
@@ -177,6 +180,23 @@ def _strategy(name: str):
                                 and "chief" not in config["cluster"])
     return strategy, chief, f"{kind}_{index}"
   return tf.distribute.get_strategy(), True, "chief"
+
+
+def _load_weights(network: keras.Model, path: str):
+  """Copies the weights of a saved network into `network`; UsageError if they do
+  not fit."""
+  if os.path.isdir(path):
+    path = os.path.join(path, "network.keras")
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--init_weights: no network at {path} (give a .keras file "
+                         "or a training --model_dir).")
+  source = keras.models.load_model(path)
+  want = [tuple(w.shape) for w in network.weights]
+  got = [tuple(w.shape) for w in source.weights]
+  if want != got:
+    raise app.UsageError(f"--init_weights: {path} has weights of shapes {got}, "
+                         f"--network={network.name} needs {want}.")
+  network.set_weights(source.get_weights())
 
 
 class _Curve(keras.callbacks.Callback):
@@ -278,6 +298,8 @@ def run(argv_flags=FLAGS) -> dict:
     fh.write("".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
+    if f.init_weights:
+      _load_weights(network, f.init_weights)
     model = training.MixTrainModel(
         network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
         eval_bound=f.eval_bound, seed=f.seed, **pgd)

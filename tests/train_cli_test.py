@@ -306,3 +306,34 @@ def test_time_budget_run_stops_by_time_and_writes_a_curve(parse_flags, tmp_path)
     assert set(p["verified"]) == {"interval", "symbolic"}
     assert all(0.0 <= v <= p["clean"] <= 1.0 for v in p["verified"].values())
   assert curve[-1]["train_epsilon"] == pytest.approx(0.125)
+
+
+# -- starting from saved weights ----------------------------------------------------
+
+
+def test_init_weights_starts_from_a_saved_network(parse_flags, tmp_path):
+  source = networks.build("mnist_small")
+  source.set_weights([w * 0.5 + 0.01 for w in source.get_weights()])
+  source.save(tmp_path / "source.keras")
+  model_dir = tmp_path / "run"
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", *TINY, "--learning_rate=1e-12",
+                  f"--init_weights={tmp_path / 'source.keras'}", "--export=false",
+                  f"--model_dir={model_dir}")
+  train.run(f)
+  trained = keras.models.load_model(model_dir / "network.keras")
+  for got, want in zip(trained.get_weights(), source.get_weights(), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: d / "nothing_here", "no network at"),
+    (lambda d: networks.build("cifar_small").save(d / "c.keras") or d / "c.keras",
+     "has weights of shapes"),
+])
+def test_init_weights_that_do_not_fit_fail_with_a_clear_error(make, match,
+                                                                parse_flags, tmp_path):
+  from absl import app
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", *TINY,
+                  f"--init_weights={make(tmp_path)}", f"--model_dir={tmp_path / 'r'}")
+  with pytest.raises(app.UsageError, match=match):
+    train.run(f)
