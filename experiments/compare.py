@@ -50,7 +50,10 @@ def define_flags():
   flags.DEFINE_string("out", "runs/compare", "Output directory.")
   flags.DEFINE_list("levels", ["0.5", "0.8", "0.9", "0.95"], "Verified accuracies "
                     "(fractions) whose first time on the curve is reported.")
-  flags.DEFINE_boolean("plots", True, "Write PNG plots to <out>/ (needs matplotlib).")
+  flags.DEFINE_boolean("plots", True, "Write PNG plots (needs matplotlib).")
+  flags.DEFINE_string("plot_dir", None, "Where the plots go (default: --out).")
+  flags.DEFINE_list("schedule_runs", None, "Training model_dirs whose alpha and eps "
+                    "are plotted (default: the comparison's mixtrain runs).")
 
 
 def run_dir(out: pathlib.Path, epsilon: str, method: str) -> pathlib.Path:
@@ -231,12 +234,12 @@ def plot_schedule(run_dirs: list[pathlib.Path], path: pathlib.Path):
   for d in run_dirs:
     history = json.loads((d / "history.json").read_text())
     x = history.get("schedule_epoch") or list(range(1, len(history["alpha"]) + 1))
-    label = f"{d.parent.name}/{d.name}"
+    label = f"{d.parent.name}/{d.name}" if d.parent.name.startswith("eps") else d.name
     ax_a.plot(x, history["alpha"], marker=".", label=label)
     ax_e.plot(x, history["epsilon"], marker=".", label=label)
   ax_a.set(xlabel="epoch (schedule)", ylabel="alpha (weight of the clean loss)",
            ylim=(0, 1))
-  ax_e.set(xlabel="epoch (schedule)", ylabel="training epsilon")
+  ax_e.set(xlabel="epoch (schedule)", ylabel="training epsilon (mean over the epoch)")
   for ax in (ax_a, ax_e):
     ax.grid(alpha=0.3)
     ax.legend()
@@ -279,11 +282,14 @@ def main(argv):
   (out / "results.md").write_text(text)
   print(text)
   if FLAGS.plots:
-    plot_curves(rows, out / "verified_vs_time.png")
-    mixtrain = [run_dir(out, e, "mixtrain") for e, _ in settings
-                if "mixtrain" in FLAGS.methods]
-    if mixtrain:
-      plot_schedule(mixtrain, out / "alpha_epsilon.png")
+    plot_dir = pathlib.Path(FLAGS.plot_dir or out)
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, plot_dir / "verified_vs_time.png")
+    schedule = ([pathlib.Path(d) for d in FLAGS.schedule_runs] if FLAGS.schedule_runs
+                else [run_dir(out, e, "mixtrain") for e, _ in settings
+                      if "mixtrain" in FLAGS.methods])
+    if schedule:
+      plot_schedule(schedule, plot_dir / "alpha_epsilon.png")
   print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
 
 

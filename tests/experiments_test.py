@@ -73,10 +73,15 @@ def test_compare_trains_each_method_for_the_budget_and_reports(tmp_path):
   assert "| 0.1 | mixtrain |" in table[2] and "never" in table[2]
   for png in ("verified_vs_time.png", "alpha_epsilon.png"):
     assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  # Run again: finished runs are skipped, the report is rebuilt.
-  again = _run("compare", *args)
+  # Run again: finished runs are skipped, the report is rebuilt (plots elsewhere,
+  # the schedule of a chosen run).
+  plots = tmp_path / "plots"
+  again = _run("compare", *args, f"--plot_dir={plots}",
+               f"--schedule_runs={out / 'eps0.1' / 'clean'}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("skip (done)") == 2
+  assert {p.name for p in plots.iterdir()} == {"verified_vs_time.png",
+                                               "alpha_epsilon.png"}
 
 
 def test_speedups_compare_times_to_the_symbolic_level():

@@ -136,6 +136,7 @@ SMOKE_CASES = {
     "mnist_small": ("mnist_small", [], ()),
     "cifar_small": ("cifar_small", [], ()),
     "mnist_small_eps0.3": ("mnist_small_eps0.3", [], SLOW),
+    "mnist_small_eps0.3_finetune": ("mnist_small_eps0.3_finetune", [], SLOW),
     "mnist_large": ("mnist_large", BIG, SLOW),
     "cifar_large": ("cifar_large", BIG, SLOW),
     "cifar_resnet": ("cifar_resnet", BIG, SLOW),
