@@ -138,7 +138,7 @@ def collect(out: pathlib.Path, settings: list[tuple[str, str]], methods: list[st
           "epsilon": float(epsilon), "flagfile": flagfile, "method": method,
           "run": str(d), "epochs": metrics["epochs"],
           "train_seconds": metrics["train_seconds"],
-          "peak_rss_mb": metrics.get("train_peak_rss_mb"),
+          "peak_rss_mb": metrics["train_peak_rss_mb"],
           "examples": test["examples"], "clean": test["clean"]["accuracy"],
           "pgd": test["attacks"].get("pgd", {}).get("accuracy"),
           "verified": {m: v["accuracy"] for m, v in test["verified"].items()},

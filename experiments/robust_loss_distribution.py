@@ -45,10 +45,8 @@ def define_flags():
 def robust_losses(network: keras.Model, dataset, epsilon: float, bound: str
                   ) -> np.ndarray:
   """Per-example robust cross-entropy over a dataset of (images, labels)."""
-  @tf.function
-  def loss(x, y):
-    ub = training.robust_margins(network, x, y, epsilon, bound)
-    return keras.losses.sparse_categorical_crossentropy(y, ub, from_logits=True)
+  loss = tf.function(lambda x, y: training.robust_loss(network, x, y, epsilon,
+                                                      bound)[0])
 
   bar = keras.utils.Progbar(None, unit_name="example")
   out, seen = [], 0

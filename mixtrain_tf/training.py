@@ -40,6 +40,16 @@ def robust_margins(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
                        spec=api.margin_spec(y, n_out)).upper
 
 
+def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
+                bound: str, clip_min: float = 0.0, clip_max: float = 1.0
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Per-example robust loss (MIXTRAIN.md 2.3: cross-entropy of the margin upper
+  bounds) and whether each example is verified."""
+  ub = robust_margins(network, x, y, epsilon, bound, clip_min, clip_max)
+  per_example = keras.losses.sparse_categorical_crossentropy(y, ub, from_logits=True)
+  return per_example, api.is_verified(ub, y)
+
+
 def _for_reduction(logs: dict) -> dict:
   """Keras reduces step outputs over workers with MEAN along axis 0 under
   MultiWorkerMirroredStrategy, which rejects scalars: give them one axis there."""
@@ -133,13 +143,6 @@ class MixTrainModel(keras.Model):
     noise = tf.random.stateless_uniform([batch], seed)
     return tf.argsort(noise)[: self.k]
 
-  def _robust_loss(self, x, y, bound):
-    ub = robust_margins(self.network, x, y, self.epsilon, bound,
-                        self.clip_min, self.clip_max)
-    per_example = keras.losses.sparse_categorical_crossentropy(
-        y, ub, from_logits=True)
-    return per_example, api.is_verified(ub, y)
-
   def train_step(self, data):
     x, y = data[0], tf.cast(data[1], tf.int32)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -167,7 +170,8 @@ class MixTrainModel(keras.Model):
         else:
           xs, ys = x, y
         bound = "interval" if self.method == "interval" else "symbolic"
-        robust, verified = self._robust_loss(xs, ys, bound)
+        robust, verified = robust_loss(self.network, xs, ys, self.epsilon, bound,
+                                       self.clip_min, self.clip_max)
         loss = (self.alpha * tf.reduce_mean(clean)
                 + (1.0 - self.alpha) * tf.reduce_mean(robust))
       # Per-replica mean / replicas: the summed gradients of all replicas are the

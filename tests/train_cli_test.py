@@ -50,6 +50,7 @@ BAD_FLAGS = {
     "network_dataset_mismatch": (["--dataset=cifar10", "--network=mnist_small"],
                                  r"--network does not take --dataset's images"),
     "missing_model_dir": ([], r"--model_dir must have a value"),
+    "zero_time_budget": (["--time_budget_s=0"], r"--time_budget_s must be > 0"),
 }
 
 
