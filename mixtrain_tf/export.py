@@ -23,7 +23,6 @@ class _BoundModule(tf.Module):
     super().__init__()
     self.network = network
     shape = [None, *network.inputs[0].shape[1:]]
-    n_out = network.outputs[0].shape[-1]
     x_spec = tf.TensorSpec(shape, tf.float32, name="images")
     eps_spec = tf.TensorSpec([], tf.float32, name="epsilon")
 
@@ -40,17 +39,20 @@ class _BoundModule(tf.Module):
     @tf.function(input_signature=[
         x_spec, tf.TensorSpec([None], tf.int32, name="labels"), eps_spec])
     def margins(images, labels, epsilon):
-      lo, hi = api.input_box(images, epsilon, clip_min, clip_max)
-      b = api.bound_box(network, lo, hi, "symbolic",
-                        spec=api.margin_spec(labels, n_out))
-      return {"margin_upper": b.upper}
+      return {"margin_upper": api.ball_margins(network, images, labels, epsilon,
+                                               "symbolic", clip_min, clip_max)}
 
     self.serve, self.bounds, self.margins = serve, bounds, margins
 
 
 def export_saved_model(network: keras.Model, path: str, clip_min: float = 0.0,
                        clip_max: float = 1.0) -> None:
-  """Writes `network` with its bound signatures as a SavedModel at `path`."""
+  """Writes `network` with its bound signatures as a SavedModel at `path`.
+
+  A network the bound engines cannot read exactly is refused here, before anything
+  is traced or written (UnsupportedLayerError / SelfCheckError).
+  """
+  api.bound_graph(network)
   module = _BoundModule(network, clip_min, clip_max)
   tf.saved_model.save(module, path, signatures={
       "serving_default": module.serve, "bounds": module.bounds,

@@ -1,18 +1,26 @@
 """Turns a Keras model into a small graph of bound operators.
 
 Sequential and functional models (residual graphs and nested models included) built
-from the supported standard Keras layers are walked layer by layer. An unsupported
-layer raises a `ValueError` naming it, its class and the supported set.
+from the supported standard Keras layers are walked layer by layer. A layer is read
+only when its exact class is registered here (a subclass may override `call`, so it
+is refused unless it describes itself with `bound_op()`), its activation is one of
+Keras' own relu / linear functions (compared by identity, not by name), and every
+configuration attribute that changes the maths is one the engines model. Anything
+else raises `UnsupportedLayerError` naming the layer and why.
+
+Once built, the graph checks itself: its own forward pass (a zero-radius box) on
+probe inputs must reproduce `model(x)`, or the error names the layer that diverges.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
+from keras.src.models.functional import Functional
 
 from mixtrain_tf import ops
 
@@ -21,6 +29,14 @@ SUPPORTED_LAYERS = (
     "Flatten", "Reshape", "ZeroPadding2D", "Add", "Rescaling", "Normalization",
     "InputNormalization", "BatchNormalization (inference)", "AveragePooling2D",
     "Dropout")
+
+#: Activation functions read as ReLU / identity: Keras' and TensorFlow's own
+#: objects, compared by identity (a user function named "relu" is not one of them).
+RELU_FUNCTIONS = (keras.activations.relu, tf.nn.relu, keras.ops.relu)
+LINEAR_FUNCTIONS = (keras.activations.linear,)
+
+#: Self-check tolerance: |graph(x) - model(x)| <= SELF_CHECK_RTOL * (1 + max|model(x)|).
+SELF_CHECK_RTOL = 1e-4
 
 
 @dataclasses.dataclass
@@ -31,8 +47,20 @@ class Node:
   inputs: tuple[int, ...]
 
 
+@dataclasses.dataclass
+class LayerCall:
+  """A Keras layer applied to graph nodes `inputs`, its result at node `output`."""
+  layer: keras.layers.Layer
+  inputs: tuple[int, ...]
+  output: int
+
+
 class UnsupportedLayerError(ValueError):
   pass
+
+
+class SelfCheckError(ValueError):
+  """The bound graph's forward pass does not reproduce the model's outputs."""
 
 
 def _unsupported(layer, why: str = "has no sound bound here"):
@@ -41,14 +69,49 @@ def _unsupported(layer, why: str = "has no sound bound here"):
       f"{', '.join(SUPPORTED_LAYERS)}. Replace it or remove it before bounding.")
 
 
-def _activation_name(layer) -> str:
+def _activation(layer) -> str:
+  """'relu' or 'linear' for Keras' own functions; raises for anything else."""
   act = getattr(layer, "activation", None)
-  if act is None:
+  if act is None or any(act is f for f in LINEAR_FUNCTIONS):
     return "linear"
-  name = keras.activations.serialize(act)
-  if isinstance(name, dict):
-    name = name.get("config", name.get("class_name"))
-  return str(name)
+  if any(act is f for f in RELU_FUNCTIONS):
+    return "relu"
+  name = getattr(act, "__name__", type(act).__name__)
+  raise _unsupported(
+      layer, f"has activation {name!r} (attribute 'activation'), which is not "
+      "Keras' own relu or linear function (activations are matched by identity, "
+      "not by name)")
+
+
+def _require(layer, attribute: str, ok: bool, value=None, fix: str = ""):
+  if not ok:
+    value = getattr(layer, attribute, None) if value is None else value
+    raise _unsupported(layer, f"has {attribute}={value!r}, which the bound engines "
+                       f"do not model{'; ' + fix if fix else ''}")
+
+
+def _channels_last(layer):
+  _require(layer, "data_format", layer.data_format == "channels_last",
+           fix="use data_format='channels_last' (NHWC)")
+
+
+def _check_numerics_policy(layer):
+  """Bounds are float32 maths on float32 weights: other policies are refused."""
+  policy = getattr(getattr(layer, "dtype_policy", None), "name", "float32")
+  _require(layer, "dtype_policy", policy == "float32", policy,
+           "bound a float32 copy of the model (no quantization, no mixed precision)")
+  mode = getattr(layer, "quantization_mode", None)
+  _require(layer, "quantization_mode", mode is None, mode,
+           "bound the float32 model before quantizing it")
+
+
+def _check_call_arguments(layer, node):
+  args = getattr(node, "arguments", None)
+  kwargs = dict(getattr(args, "kwargs", {}) or {})
+  training = kwargs.get("training")
+  if training is not None and bool(training):
+    raise _unsupported(layer, "is called with training=True inside the model, so "
+                       "its output is random or batch-dependent at inference")
 
 
 # Per-channel affine forms y = x * scale + shift of the normalization layers,
@@ -79,10 +142,103 @@ def _batchnorm_shift(layer):
   return b + ops._f32(layer.beta) if layer.center else b
 
 
+def _dense_or_conv(graph, layer, x):
+  if type(layer) is keras.layers.Conv2D:
+    _require(layer, "dilation_rate", tuple(layer.dilation_rate) == (1, 1))
+    _require(layer, "groups", getattr(layer, "groups", 1) == 1)
+    _require(layer, "padding", layer.padding in ("valid", "same"))
+    _channels_last(layer)
+    op = ops.Conv2DOp(layer)
+  else:
+    op = ops.DenseOp(layer)
+  act = _activation(layer)
+  idx = graph._add(layer.name, op, [x])
+  if act == "relu":
+    idx = graph._add(layer.name + "/relu", ops.ReluOp(), [idx])
+  return idx
+
+
+def _relu(graph, layer, x):
+  _require(layer, "max_value", layer.max_value is None)
+  _require(layer, "negative_slope", float(layer.negative_slope) == 0.0)
+  _require(layer, "threshold", float(layer.threshold) == 0.0)
+  return graph._add(layer.name, ops.ReluOp(), [x])
+
+
+def _activation_layer(graph, layer, x):
+  op = ops.ReluOp() if _activation(layer) == "relu" else ops.IdentityOp()
+  return graph._add(layer.name, op, [x])
+
+
+def _flatten(graph, layer, x):
+  _channels_last(layer)
+  return graph._add(layer.name, ops.ReshapeOp(layer), [x])
+
+
+def _reshape(graph, layer, x):
+  return graph._add(layer.name, ops.ReshapeOp(layer), [x])
+
+
+def _zero_padding(graph, layer, x):
+  _channels_last(layer)
+  return graph._add(layer.name, ops.ZeroPadOp(layer.padding), [x])
+
+
+def _average_pooling(graph, layer, x):
+  _channels_last(layer)
+  _require(layer, "padding", layer.padding in ("valid", "same"))
+  return graph._add(layer.name, ops.AvgPoolOp(layer), [x])
+
+
+def _dropout(graph, layer, x):
+  return graph._add(layer.name, ops.IdentityOp(), [x])
+
+
+def _scale_shift(scale, shift):
+  def add(graph, layer, x):
+    return graph._add(layer.name, ops.ScaleShiftOp(
+        functools.partial(scale, layer), functools.partial(shift, layer)), [x])
+  return add
+
+
+def _normalization(graph, layer, x):
+  _require(layer, "invert", not layer.invert)
+  return _scale_shift(_normalization_scale, _normalization_shift)(graph, layer, x)
+
+
+def _batch_normalization(graph, layer, x):
+  axis = layer.axis if isinstance(layer.axis, int) else None
+  rank = len(graph.nodes[x].op.out_shape) + 1
+  _require(layer, "axis", axis in (-1, rank - 1),
+           fix="normalize the last (channels) axis")
+  return _scale_shift(_batchnorm_scale, _batchnorm_shift)(graph, layer, x)
+
+
+#: Exact layer classes the engines read, and how (single-input layers).
+_LAYERS = {
+    keras.layers.Dense: _dense_or_conv,
+    keras.layers.Conv2D: _dense_or_conv,
+    keras.layers.ReLU: _relu,
+    keras.layers.Activation: _activation_layer,
+    keras.layers.Flatten: _flatten,
+    keras.layers.Reshape: _reshape,
+    keras.layers.ZeroPadding2D: _zero_padding,
+    keras.layers.AveragePooling2D: _average_pooling,
+    keras.layers.Dropout: _dropout,
+    keras.layers.Rescaling: _scale_shift(_rescaling_scale, _rescaling_shift),
+    keras.layers.Normalization: _normalization,
+    keras.layers.BatchNormalization: _batch_normalization,
+}
+_MODELS = (keras.Sequential, Functional)
+
+
 class BoundGraph:
   """Nodes in topological order; node 0 is the input, the last node the output."""
 
-  def __init__(self, model: keras.Model):
+  def __init__(self, model: keras.Model, self_check: bool = True):
+    if type(model) not in _MODELS:
+      raise _unsupported(model, "is a subclassed model whose call() cannot be "
+                         "read: build it as a Sequential or functional model")
     if not model.built or not getattr(model, "inputs", None):
       raise ValueError(
           f"model '{model.name}' is not built: give it an Input (or call it once on "
@@ -91,15 +247,24 @@ class BoundGraph:
       raise ValueError(
           f"model '{model.name}' has {len(model.inputs)} inputs and "
           f"{len(model.outputs)} outputs; bounds need exactly one of each.")
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+      raise ValueError(
+          f"model '{model.name}' takes inputs of shape (batch,) + {shape} with unknown "
+          "dimensions; bounds need a fixed shape: build it with keras.Input(shape="
+          "(28, 28, 1)) or similar.")
     self.model = model
-    self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    self.input_shape = tuple(int(d) for d in shape)
     self.nodes: list[Node] = [Node("input", ops.InputOp(), ())]
     self.nodes[0].op.out_shape = self.input_shape
-    self._cache: dict[int, int] = {}
+    self.calls: list[LayerCall] = []
     out = self._walk_model(model, 0)
     if out != len(self.nodes) - 1:  # make the output the last node
       self._add("output", ops.IdentityOp(), (out,))
-    self._infer_shapes()
+    with tf.init_scope():
+      self.forward(tf.zeros((1,) + self.input_shape), infer_shapes=True)
+      if self_check:
+        self.self_check()
     self.output_shape = self.nodes[-1].op.out_shape
 
   # -- building -------------------------------------------------------------
@@ -109,7 +274,7 @@ class BoundGraph:
     return len(self.nodes) - 1
 
   def _walk_model(self, model, input_index: int) -> int:
-    if isinstance(model, keras.Sequential):
+    if type(model) is keras.Sequential:
       idx = input_index
       for layer in model.layers:
         idx = self._walk_layer(layer, [idx])
@@ -122,9 +287,10 @@ class BoundGraph:
         return memo[id(tensor)]
       op, node_index, _ = tensor._keras_history
       node = op._inbound_nodes[node_index]
-      if isinstance(op, keras.layers.InputLayer):
+      if type(op) is keras.layers.InputLayer:
         raise ValueError(f"model '{model.name}' has more than one input tensor.")
       parents = [visit(t) for t in node.input_tensors]
+      _check_call_arguments(op, node)
       out = self._walk_layer(op, parents)
       for t in node.output_tensors:
         memo[id(t)] = out
@@ -133,101 +299,101 @@ class BoundGraph:
     return visit(model.outputs[0])
 
   def _walk_layer(self, layer, inputs: list[int]) -> int:
-    L = keras.layers
+    kind = type(layer)
     if isinstance(layer, keras.Model):
+      if kind not in _MODELS:
+        raise _unsupported(layer, "is a subclassed model whose call() cannot be "
+                           "read: build it as a Sequential or functional model")
       if len(inputs) != 1:
         raise _unsupported(layer, "is a nested model with several inputs")
       return self._walk_model(layer, inputs[0])
-    if isinstance(layer, L.InputLayer):
+    if kind is keras.layers.InputLayer:
       return inputs[0]
-    if isinstance(layer, L.Add):
-      return self._add(layer.name, ops.AddOp(), inputs)
-    if len(inputs) != 1:
-      raise _unsupported(layer, f"has {len(inputs)} inputs")
-    (x,) = inputs
-    if isinstance(layer, (L.Dense, L.Conv2D)):
-      if isinstance(layer, L.Conv2D):
-        if tuple(layer.dilation_rate) != (1, 1) or getattr(layer, "groups", 1) != 1:
-          raise _unsupported(layer, "uses dilation or groups")
-        if layer.data_format != "channels_last":
-          raise _unsupported(layer, "is channels_first (use NHWC)")
-        op = ops.Conv2DOp(layer)
+    _check_numerics_policy(layer)
+    if kind is keras.layers.Add:
+      out = self._add(layer.name, ops.AddOp(), inputs)
+    else:
+      if len(inputs) != 1:
+        raise _unsupported(layer, f"has {len(inputs)} inputs")
+      handler = _LAYERS.get(kind)
+      bound_op = getattr(layer, "bound_op", None)
+      if handler is not None:
+        out = handler(self, layer, inputs[0])
+      elif callable(bound_op):  # our own layers describe themselves
+        out = self._add(layer.name, bound_op(), inputs)
+      elif isinstance(layer, tuple(_LAYERS) + (keras.layers.Add,)):
+        raise _unsupported(layer, "subclasses a supported layer and may change its "
+                           "call(); register it by giving it a bound_op() method, or "
+                           "use the Keras class itself")
       else:
-        op = ops.DenseOp(layer)
-      act = _activation_name(layer)
-      if act not in ("relu", "linear"):
-        raise _unsupported(layer, f"has activation '{act}' (only relu or linear)")
-      idx = self._add(layer.name, op, [x])
-      if act == "relu":
-        idx = self._add(layer.name + "/relu", ops.ReluOp(), [idx])
-      return idx
-    if isinstance(layer, L.ReLU):
-      if (layer.max_value is not None or float(layer.negative_slope) != 0.0
-          or float(layer.threshold) != 0.0):
-        raise _unsupported(layer, "is a ReLU with max_value/negative_slope/threshold")
-      return self._add(layer.name, ops.ReluOp(), [x])
-    if isinstance(layer, L.Activation):
-      act = _activation_name(layer)
-      if act == "relu":
-        return self._add(layer.name, ops.ReluOp(), [x])
-      if act == "linear":
-        return self._add(layer.name, ops.IdentityOp(), [x])
-      raise _unsupported(layer, f"is activation '{act}'")
-    if isinstance(layer, (L.Flatten, L.Reshape)):
-      return self._add(layer.name, ops.ReshapeOp(layer), [x])
-    if isinstance(layer, L.ZeroPadding2D):
-      if layer.data_format != "channels_last":
-        raise _unsupported(layer, "is channels_first (use NHWC)")
-      return self._add(layer.name, ops.ZeroPadOp(layer.padding), [x])
-    if isinstance(layer, L.AveragePooling2D):
-      if layer.data_format != "channels_last":
-        raise _unsupported(layer, "is channels_first (use NHWC)")
-      return self._add(layer.name, ops.AvgPoolOp(layer), [x])
-    if isinstance(layer, L.Dropout):
-      return self._add(layer.name, ops.IdentityOp(), [x])
-    if isinstance(layer, L.Rescaling):
-      return self._add(layer.name, ops.ScaleShiftOp(
-          functools.partial(_rescaling_scale, layer),
-          functools.partial(_rescaling_shift, layer)), [x])
-    if isinstance(layer, L.Normalization):
-      if layer.invert:
-        raise _unsupported(layer, "is an inverting Normalization")
-      return self._add(layer.name, ops.ScaleShiftOp(
-          functools.partial(_normalization_scale, layer),
-          functools.partial(_normalization_shift, layer)), [x])
-    if isinstance(layer, L.BatchNormalization):
-      if layer.axis not in (-1, len(layer.input.shape) - 1):
-        raise _unsupported(layer, "normalizes an axis other than the last")
-      return self._add(layer.name, ops.ScaleShiftOp(
-          functools.partial(_batchnorm_scale, layer),
-          functools.partial(_batchnorm_shift, layer)), [x])
-    bound_op = getattr(layer, "bound_op", None)
-    if callable(bound_op):  # our own layers describe themselves
-      return self._add(layer.name, bound_op(), [x])
-    raise _unsupported(layer)
+        raise _unsupported(layer)
+    self.calls.append(LayerCall(layer, tuple(inputs), out))
+    return out
 
-  def _infer_shapes(self):
-    """Runs a zero sample through the graph to fix every node's shape."""
-    with tf.init_scope():
-      values = []
-      for node in self.nodes:
-        op = node.op
-        if isinstance(op, ops.InputOp):
-          v = tf.zeros((1,) + self.input_shape)
-        elif isinstance(op, ops.AddOp):
-          shapes = {tuple(values[i].shape) for i in node.inputs}
-          if len(shapes) != 1:
-            raise ValueError(f"Add '{node.name}' gets tensors of shapes {shapes}.")
-          v = values[node.inputs[0]]
-        else:
-          op.in_shape = tuple(int(d) for d in values[node.inputs[0]].shape[1:])
+  # -- evaluation ---------------------------------------------------------------
+
+  def forward(self, x: tf.Tensor, infer_shapes: bool = False) -> list[tf.Tensor]:
+    """Every node's value at input x (the centre of a zero-radius box)."""
+    values = []
+    for node in self.nodes:
+      op = node.op
+      ins = [values[i] for i in node.inputs]
+      if isinstance(op, ops.InputOp):
+        v = tf.cast(x, tf.float32)
+      elif isinstance(op, ops.AddOp):
+        shapes = {tuple(t.shape[1:]) for t in ins}
+        if len(shapes) != 1:
+          raise ValueError(f"Add '{node.name}' gets tensors of shapes {shapes}.")
+        v = tf.add_n(ins)
+      elif isinstance(op, ops.ReluOp):
+        v = tf.nn.relu(ins[0])
+      else:
+        if infer_shapes:
+          op.in_shape = tuple(int(d) for d in ins[0].shape[1:])
           if isinstance(op, ops.ReshapeOp):
             op.out_shape = tuple(int(d) for d in op.layer.compute_output_shape(
                 (None,) + op.in_shape)[1:])
-          v = values[node.inputs[0]] if isinstance(op, ops.ReluOp) else op.affine(
-              values[node.inputs[0]])
+        v = op.affine(ins[0])
+      if infer_shapes:
         op.out_shape = tuple(int(d) for d in v.shape[1:])
-        values.append(v)
+      values.append(v)
+    return values
+
+  def self_check(self, num_probes: int = 2) -> None:
+    """Raises SelfCheckError unless the graph reproduces the model on probe inputs.
+
+    Probes: uniform [0, 1) and standard normal inputs (fixed seeds). The first
+    layer whose Keras output differs from its operator's, on the graph's own
+    values, is named.
+    """
+    shape = (num_probes,) + self.input_shape
+    for seed, draw in enumerate((tf.random.stateless_uniform,
+                                 tf.random.stateless_normal)):
+      x = draw(shape, seed=[seed, 17])
+      want = self.model(x, training=False)
+      values = self.forward(x)
+      if not _close(values[-1], want):
+        raise SelfCheckError(self._diagnose(values, want))
+
+  def _diagnose(self, values, want) -> str:
+    err = float(tf.reduce_max(tf.abs(values[-1] - tf.reshape(want, tf.shape(values[-1])))))
+    for call in self.calls:
+      ins = [values[i] for i in call.inputs]
+      got = values[call.output]
+      try:
+        ref = call.layer(ins if len(ins) > 1 else ins[0], training=False)
+      except Exception as e:  # pylint: disable=broad-except
+        return (f"layer '{call.layer.name}' ({type(call.layer).__name__}) could not be "
+                f"re-run on its input while checking the bound graph ({e}).")
+      if not _close(got, ref):
+        gap = float(tf.reduce_max(tf.abs(got - tf.reshape(ref, tf.shape(got)))))
+        return (f"layer '{call.layer.name}' ({type(call.layer).__name__}) is misread "
+                f"by the bound engines: their forward pass differs from the layer's "
+                f"own output by {gap:.3g}. Its bounds would be wrong, so it is refused; "
+                "replace the layer or describe it with bound_op().")
+    return (f"the bound graph of model '{self.model.name}' differs from the model's "
+            f"output by {err:.3g}, though every layer matches on its own: the model "
+            "wires its layers in a way the bound engines do not read.")
 
   # -- queries ----------------------------------------------------------------
 
@@ -249,14 +415,30 @@ class BoundGraph:
     return seen
 
 
-_GRAPHS: "weakref.WeakKeyDictionary[keras.Model, BoundGraph]" = (
-    weakref.WeakKeyDictionary())
+def _close(got, want) -> bool:
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  if got.size != want.size:
+    return False
+  want = want.reshape(got.shape)
+  tol = SELF_CHECK_RTOL * (1.0 + np.max(np.abs(want), initial=0.0))
+  return bool(np.all(np.isfinite(got) == np.isfinite(want))
+              and np.max(np.abs(got - want), initial=0.0, where=np.isfinite(want))
+              <= tol)
+
+
+_ATTR = "_mixtrain_bound_graph"
 
 
 @tf.autograph.experimental.do_not_convert
 def bound_graph(model: keras.Model) -> BoundGraph:
-  """The bound graph of `model`, built on first use and cached with the model."""
-  graph = _GRAPHS.get(model)
+  """The bound graph of `model`, built (and self-checked) on first use.
+
+  The graph is kept on the model itself, so it lives exactly as long as the model
+  (a global cache keyed by the model would keep every model alive).
+  """
+  graph = model.__dict__.get(_ATTR)
   if graph is None:
-    graph = _GRAPHS[model] = BoundGraph(model)
+    graph = BoundGraph(model)
+    object.__setattr__(model, _ATTR, graph)
   return graph
