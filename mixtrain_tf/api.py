@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
 
-from mixtrain_tf import interval, symbolic
+from mixtrain_tf import interval, ops, symbolic
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import BoundGraph, bound_graph
 
@@ -25,23 +27,147 @@ def per_sample_bytes(model: keras.Model, method: str = "symbolic") -> int:
   """Estimated peak memory of bounding one example (forward, no gradients)."""
   graph = bound_graph(model)
   if method == "interval":
-    return 3 * 4 * max(int(np.prod(n.op.out_shape)) for n in graph.nodes)
+    # Every node's lower and upper are kept, plus centre/radius temporaries of the
+    # widest layer and the margin rows folded into the last layer (float32).
+    sizes = [int(np.prod(n.op.out_shape)) for n in graph.nodes]
+    last_in = sizes[graph.nodes[-1].inputs[0]] if len(sizes) > 1 else 0
+    return 4 * (2 * sum(sizes) + 4 * max(sizes) + 3 * sizes[-1] * last_in)
   return int(symbolic._BYTES_PER_VALUE * _plan(graph).values_per_sample)
 
 
-def input_box(x: tf.Tensor, epsilon, clip_min: float = 0.0,
-              clip_max: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
-  """The L-inf ball of radius epsilon around x, clipped to [clip_min, clip_max]."""
+#: Slack for x outside [clip_min, clip_max]: float32 round-off, relative to the domain.
+ROUND_OFF = 1e-6
+
+
+def _domain(clip_min, clip_max) -> tuple[float, float]:
+  """The input domain as floats; a domain that cannot hold a ball is an error."""
+  try:
+    lo, hi = float(clip_min), float(clip_max)
+  except (TypeError, ValueError):
+    raise ValueError(f"clip_min and clip_max must be numbers, got {clip_min!r} and "
+                     f"{clip_max!r}.") from None
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    raise ValueError(f"clip_min and clip_max must be finite, got {lo} and {hi}.")
+  if lo > hi:
+    raise ValueError(f"clip_min ({lo}) is greater than clip_max ({hi}): the input "
+                     "domain is empty; swap them.")
+  return lo, hi
+
+
+def _check_epsilon_eagerly(eps: np.ndarray) -> None:
+  if eps.ndim != 0 or not np.isfinite(eps) or eps < 0:
+    raise ValueError(f"epsilon must be a finite scalar >= 0 in float32, got "
+                     f"{eps!r}.")
+
+
+def _check_x_eagerly(x: np.ndarray, lo: float, hi: float, tol: float) -> None:
+  flat = x.reshape(len(x), int(np.prod(x.shape[1:])))
+  if not np.all(np.isfinite(flat)):
+    bad = int(np.sum(~np.isfinite(flat).all(axis=1)))
+    raise ValueError(f"x contains NaN or infinite values ({bad} examples); clean "
+                     "the data before bounding.")
+  if flat.size == 0:
+    return
+  xmin, xmax = float(flat.min()), float(flat.max())
+  if xmin >= lo - tol and xmax <= hi + tol:
+    return
+  outside = int(np.sum((flat < lo - tol).any(1) | (flat > hi + tol).any(1)))
+  hint = ""
+  if xmax > 1.5 and hi <= 1.0:
+    hint = " Images look like 0..255: divide them by 255, or pass clip_max=255."
+  elif xmin < 0.0 <= lo:
+    hint = (" Images look normalized: bound the raw images and put the "
+            "normalization inside the model (e.g. mixtrain_tf.layers."
+            "InputNormalization), or pass the clip_min/clip_max of the normalized "
+            "domain.")
+  raise ValueError(
+      f"x has values in [{xmin:.6g}, {xmax:.6g}], outside the input domain "
+      f"[clip_min, clip_max] = [{lo:g}, {hi:g}] ({outside} examples): the clipped "
+      "ball would not contain x, so a proof would be about other images." + hint)
+
+
+def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+  """The L-inf ball of radius epsilon around x, clipped to [clip_min, clip_max].
+
+  Refuses a ball that would make a proof meaningless: x outside the domain (beyond
+  float32 round-off, `ROUND_OFF`), NaN or infinite x, an empty domain, epsilon
+  negative or not finite. Eagerly this is a ValueError that says what to fix; in
+  graph mode (tf.function, SavedModel signatures, training steps) the checks are
+  assert ops of the graph, which fail the call with the same kind of message.
+  """
+  lo, hi = _domain(clip_min, clip_max)
+  tol = ROUND_OFF * max(1.0, abs(lo), abs(hi))
+  if isinstance(epsilon, (str, bytes)):
+    raise ValueError(f"epsilon must be a number, got the string {epsilon!r}; pass "
+                     "float(...).")
+  if tf.executing_eagerly():  # before a cast that would overflow or fail obscurely
+    try:
+      value = np.asarray(epsilon, np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"epsilon must be a number, got {epsilon!r}.") from None
+    _check_epsilon_eagerly(value.astype(np.float32) if value.ndim == 0 else value)
   x = tf.cast(x, tf.float32)
   eps = tf.cast(epsilon, tf.float32)
-  return (tf.clip_by_value(x - eps, clip_min, clip_max),
-          tf.clip_by_value(x + eps, clip_min, clip_max))
+  if tf.executing_eagerly():
+    _check_x_eagerly(x.numpy(), lo, hi, tol)
+    checks = []
+  else:
+    domain = f"[clip_min, clip_max] = [{lo:g}, {hi:g}]"
+    checks = [
+        tf.debugging.assert_greater_equal(
+            x, tf.constant(lo - tol, tf.float32),
+            message=f"x has values below the input domain {domain} (or NaN); "
+                    "a proof needs x inside it"),
+        tf.debugging.assert_less_equal(
+            x, tf.constant(hi + tol, tf.float32),
+            message=f"x has values above the input domain {domain} (or NaN); "
+                    "images in 0..255 must be divided by 255"),
+        tf.debugging.assert_greater_equal(
+            eps, tf.constant(0.0), message="epsilon must be >= 0 (and not NaN)"),
+        tf.debugging.assert_less(
+            eps, tf.constant(np.inf, tf.float32), message="epsilon must be finite"),
+    ]
+  with tf.control_dependencies(checks):
+    return (tf.clip_by_value(x - eps, lo, hi), tf.clip_by_value(x + eps, lo, hi))
 
 
 def margin_spec(y: tf.Tensor, num_classes: int) -> tf.Tensor:
-  """Rows e_j - e_y for every class j: [batch, classes, classes] (row y is zero)."""
-  onehot = tf.one_hot(tf.cast(y, tf.int32), num_classes)
+  """Rows e_j - e_y for every class j: [batch, classes, classes] (row y is zero).
+
+  A label outside [0, num_classes) would give rows e_j (logit bounds, not margins),
+  so it is refused: a ValueError eagerly, an assert op in graph mode.
+  """
+  y = tf.convert_to_tensor(y)
+  if y.dtype.is_floating or y.dtype.is_complex or y.dtype == tf.bool:
+    raise ValueError(f"labels must be integer class indices, got dtype "
+                     f"{y.dtype.name}; cast them (one-hot labels need argmax first).")
+  y = tf.cast(y, tf.int32)
+  if tf.executing_eagerly():
+    yv = y.numpy()
+    if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
+      raise ValueError(f"labels must be in [0, {num_classes}), got range "
+                       f"[{yv.min()}, {yv.max()}].")
+    checks = []
+  else:
+    checks = [tf.debugging.assert_non_negative(y, message="labels must be >= 0"),
+              tf.debugging.assert_less(y, num_classes,
+                                       message=f"labels must be < {num_classes}")]
+  with tf.control_dependencies(checks):
+    onehot = tf.one_hot(y, num_classes)
   return tf.eye(num_classes)[None] - onehot[:, None, :]
+
+
+def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
+                 clip_min: float = 0.0, clip_max: float = 1.0) -> tf.Tensor:
+  """Upper bounds of z_j - z_y over the checked, clipped ball: [batch, classes].
+
+  The building block of training, evaluation and the SavedModel's `margins`
+  signature: works inside `tf.function`, no chunking (see `margin_upper_bounds`).
+  """
+  lower, upper = input_box(x, epsilon, clip_min, clip_max)
+  n_out = int(np.prod(bound_graph(model).output_shape))
+  return bound_box(model, lower, upper, method, spec=margin_spec(y, n_out)).upper
 
 
 @tf.autograph.experimental.do_not_convert
@@ -56,14 +182,37 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
   failed converting the bound graph's construction on first use in a trace.
   """
   graph = bound_graph(model)
+  if method not in METHODS:
+    raise ValueError(f"unknown bound method {method!r}; choose one of {METHODS}.")
+  # An empty batch runs as one all-zero example, sliced away: the engines'
+  # reshapes and einsums assume a non-empty batch.
+  n = tf.shape(lower)[0]
+  pad = tf.maximum(1 - n, 0)
+
+  def padded(t):
+    return tf.concat([t, tf.zeros(tf.concat([[pad], tf.shape(t)[1:]], 0), t.dtype)], 0)
+
+  lower, upper = padded(lower), padded(upper)
+  spec = None if spec is None else padded(spec)
   if method == "interval":
-    return interval.bounds(graph, lower, upper, spec)
-  if method == "symbolic":
-    return symbolic.bounds(graph, _plan(graph), lower, upper, spec)
-  raise ValueError(f"unknown bound method {method!r}; choose one of {METHODS}.")
+    out = interval.bounds(graph, lower, upper, spec)
+  else:
+    out = symbolic.bounds(graph, _plan(graph), lower, upper, spec)
+  return _map_tensors(lambda t: t[:n], out)
 
 
-def _check(model, x, epsilon, method, y=None, clip=(0.0, 1.0)):
+def _map_tensors(fn, bounds):
+  """Applies fn to every tensor field of a bounds container."""
+  fields = {}
+  for f in dataclasses.fields(bounds):
+    v = getattr(bounds, f.name)
+    fields[f.name] = tuple(fn(t) for t in v) if isinstance(v, tuple) else fn(v)
+  return dataclasses.replace(bounds, **fields)
+
+
+def _check(model, x, method, y=None, clip=(0.0, 1.0)):
+  """Checks what does not depend on values (works in graph mode too); input_box
+  and margin_spec check the values."""
   if method not in METHODS:
     raise ValueError(f"unknown bound method {method!r}; choose one of {METHODS}.")
   graph = bound_graph(model)
@@ -71,27 +220,16 @@ def _check(model, x, epsilon, method, y=None, clip=(0.0, 1.0)):
   if not x.dtype.is_floating:
     raise ValueError(f"x must be floating point images in [{clip[0]}, {clip[1]}], "
                      f"got dtype {x.dtype.name}.")
-  if tuple(x.shape[1:]) != graph.input_shape:
+  if x.shape.rank is None or tuple(x.shape[1:]) != graph.input_shape:
     raise ValueError(
-        f"x has shape {tuple(x.shape)}, but model '{model.name}' takes inputs of "
-        f"shape (batch,) + {graph.input_shape}.")
-  if tf.executing_eagerly():
-    eps = np.asarray(epsilon, dtype=np.float64)
-    if eps.ndim != 0 or not np.isfinite(eps) or eps < 0:
-      raise ValueError(f"epsilon must be a finite scalar >= 0, got {epsilon!r}.")
-    xv = x.numpy()
-    if not np.all(np.isfinite(xv)):
-      bad = int(np.sum(~np.isfinite(xv).reshape(len(xv), -1).all(axis=1)))
-      raise ValueError(f"x contains NaN or infinite values ({bad} examples); "
-                       "clean the data before bounding.")
-    if y is not None:
-      yv = np.asarray(y)
-      n_out = int(np.prod(graph.output_shape))
-      if yv.shape != (len(xv),):
-        raise ValueError(f"y must have shape ({len(xv)},), got {yv.shape}.")
-      if yv.size and (yv.min() < 0 or yv.max() >= n_out):
-        raise ValueError(f"labels must be in [0, {n_out}), got range "
-                         f"[{yv.min()}, {yv.max()}].")
+        f"x has shape {tuple(x.shape) if x.shape.rank is not None else 'unknown'}, "
+        f"but model '{model.name}' takes inputs of shape (batch,) + "
+        f"{graph.input_shape}.")
+  if y is not None:
+    y = tf.convert_to_tensor(y)
+    if y.shape.rank != 1 or (y.shape[0] is not None and x.shape[0] is not None
+                             and y.shape[0] != x.shape[0]):
+      raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}.")
   return graph, tf.cast(x, tf.float32)
 
 
@@ -127,13 +265,12 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
   Returns:
     (lower, upper), each [batch, num_outputs].
   """
-  _, x = _check(model, x, epsilon, method, clip=(clip_min, clip_max))
+  _, x = _check(model, x, method, clip=(clip_min, clip_max))
 
   def run(xc):
     lo, hi = input_box(xc, epsilon, clip_min, clip_max)
     b = bound_box(model, lo, hi, method).concretize()
-    n = tf.shape(xc)[0]
-    return tf.reshape(b.lower, [n, -1]), tf.reshape(b.upper, [n, -1])
+    return ops.flat(b.lower), ops.flat(b.upper)
 
   return _chunked(run, model, method, memory_budget_mb, x)
 
@@ -142,14 +279,11 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
                         clip_min: float = 0.0, clip_max: float = 1.0,
                         memory_budget_mb: int | None = None) -> tf.Tensor:
   """Upper bounds of z_j - z_y over the ball, [batch, classes] (0 at j = y)."""
-  graph, x = _check(model, x, epsilon, method, y=y, clip=(clip_min, clip_max))
-  n_out = int(np.prod(graph.output_shape))
-  y = tf.cast(tf.convert_to_tensor(y), tf.int32)
+  _, x = _check(model, x, method, y=y, clip=(clip_min, clip_max))
+  y = tf.convert_to_tensor(y)
 
   def run(xc, yc):
-    lo, hi = input_box(xc, epsilon, clip_min, clip_max)
-    b = bound_box(model, lo, hi, method, spec=margin_spec(yc, n_out))
-    return (b.upper,)
+    return (ball_margins(model, xc, yc, epsilon, method, clip_min, clip_max),)
 
   return _chunked(run, model, method, memory_budget_mb, x, y)[0]
 

@@ -6,6 +6,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from mixtrain_tf import ops
+
 
 @dataclasses.dataclass(frozen=True)
 class IntervalBounds:
@@ -48,8 +50,7 @@ class SymbolicBounds:
   def concretize(self) -> IntervalBounds:
     """Bounds from the equation: center -/+ (sum |input| + sum |relax| coeffs)."""
     def abs_sum(t):
-      return tf.reduce_sum(tf.reshape(tf.abs(t), tf.concat(
-          [tf.shape(t)[:2], [-1]], 0)), axis=-1)
+      return tf.reduce_sum(ops.flat(tf.abs(t), 2), axis=-1)
     rad = abs_sum(self.input_coeffs)
     for e in self.relax_coeffs:
       rad += abs_sum(e)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import keras
 import tensorflow as tf
 from absl import app, flags
 
-from mixtrain_tf import attacks, data, evaluation
+from mixtrain_tf import api, attacks, data, evaluation
 from mixtrain_tf import layers as _layers  # noqa: F401  (registers custom layers)
 
 FLAGS = flags.FLAGS
@@ -50,6 +51,13 @@ def define_flags():
                            f"--attacks takes {', '.join(evaluation.ATTACKS)}.")
   flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1.")
   flags.register_validator("restarts", lambda v: v >= 1, "--restarts must be >= 1.")
+  flags.register_validator("num_examples", lambda v: v is None or v >= 1,
+                           "--num_examples must be >= 1 (or left out for the whole "
+                           "test set).")
+
+
+class EvaluateError(Exception):
+  """A problem the user can fix; printed as one line, exit code 1."""
 
 
 def load_model(path: str):
@@ -57,7 +65,12 @@ def load_model(path: str):
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "network.keras")):
     path = os.path.join(path, "network.keras")
   if path.endswith(".keras") and os.path.isfile(path):
-    return keras.models.load_model(path, compile=False), None, None
+    try:
+      return keras.models.load_model(path, compile=False), None, None
+    except Exception as e:  # pylint: disable=broad-except
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise EvaluateError(f"--model={path} could not be read as a Keras model: "
+                          f"{reason}") from None
   if os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
     loaded = tf.saved_model.load(path)
     serve, margins = loaded.signatures["serving_default"], loaded.signatures["margins"]
@@ -73,34 +86,88 @@ def load_model(path: str):
                      epsilon=tf.constant(epsilon, tf.float32))["margin_upper"]
 
     predict_fn.saved_model = loaded  # the signatures need the loaded variables
+    predict_fn.input_shape = tuple(serve.structured_input_signature[1][
+        "images"].shape[1:])
     return None, predict_fn, margins_fn
-  raise app.UsageError(f"--model={path}: not a training --model_dir (with "
-                       "network.keras), a .keras file or a SavedModel directory.")
+  raise EvaluateError(f"--model={path}: not a training --model_dir (with "
+                      "network.keras), a .keras file or a SavedModel directory.")
+
+
+def check_output(path: str | None) -> None:
+  """Fails at once (before any work) if --output cannot be written."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise EvaluateError(f"--output={path} is a directory; give a file path, e.g. "
+                        f"--output={os.path.join(path, 'eval.json')}.")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise EvaluateError(f"--output={path}: cannot create its directory ({e.strerror}"
+                        "); choose a writable path.") from None
+  if not os.access(parent, os.W_OK) or (os.path.exists(path)
+                                         and not os.access(path, os.W_OK)):
+    raise EvaluateError(f"--output={path} is not writable; choose a writable path.")
+
+
+def _write(path: str | None, result: dict) -> str:
+  text = json.dumps(result, indent=1)
+  if path:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+      fh.write(text)
+    os.replace(tmp, path)
+  return text
+
+
+def run() -> dict:
+  """Checks every flag, the data and the model, then evaluates; see module doc."""
+  check_output(FLAGS.output)
+  test = data.load(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
+                   batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
+  network, predict_fn, margins_fn = load_model(FLAGS.model)
+  if network is None and ("interval" in FLAGS.methods or "interval" in FLAGS.attacks):
+    raise EvaluateError("a SavedModel supports --methods=symbolic and "
+                        "--attacks=pgd only; pass network.keras for the rest.")
+  want = tuple(data.input_shape(FLAGS.dataset))
+  got = (tuple(network.inputs[0].shape[1:]) if network is not None
+         else predict_fn.input_shape)
+  if got != want:
+    raise EvaluateError(
+        f"--model={FLAGS.model} takes inputs of shape {got}, but --dataset="
+        f"{FLAGS.dataset} has images of shape {want}: pass the dataset the model was "
+        "trained on.")
+  if network is not None:
+    try:
+      api.bound_graph(network)
+    except ValueError as e:
+      raise EvaluateError(f"--model={FLAGS.model}: {e}") from None
+  header = {"model": FLAGS.model, "dataset": FLAGS.dataset}
+  try:
+    result = evaluation.evaluate(
+        network, test, FLAGS.epsilon, methods=tuple(FLAGS.methods),
+        attack_names=tuple(FLAGS.attacks),
+        **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
+        pgd_restarts=FLAGS.restarts,
+        num_examples=FLAGS.num_examples, predict_fn=predict_fn,
+        margins_fn=margins_fn)
+  except evaluation.EvaluationError as e:  # keep what was measured
+    _write(FLAGS.output, {**e.partial_result, **header})
+    where = f"; the partial results are in {FLAGS.output}" if FLAGS.output else ""
+    raise EvaluateError(f"{e}{where}") from None
+  result.update(header)
+  print(_write(FLAGS.output, result))
+  return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  network, predict_fn, margins_fn = load_model(FLAGS.model)
-  if network is None and ("interval" in FLAGS.methods or "interval" in FLAGS.attacks):
-    raise app.UsageError("a SavedModel supports --methods=symbolic and "
-                         "--attacks=pgd only; pass network.keras for the rest.")
-  test = data.load(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
-                   batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
-  result = evaluation.evaluate(
-      network, test, FLAGS.epsilon, methods=tuple(FLAGS.methods),
-      attack_names=tuple(FLAGS.attacks),
-      **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
-      pgd_restarts=FLAGS.restarts,
-      num_examples=FLAGS.num_examples, predict_fn=predict_fn,
-      margins_fn=margins_fn)
-  result["model"] = FLAGS.model
-  result["dataset"] = FLAGS.dataset
-  text = json.dumps(result, indent=1)
-  if FLAGS.output:
-    with open(FLAGS.output, "w") as fh:
-      fh.write(text)
-  print(text)
+  try:
+    run()
+  except (EvaluateError, data.DataNotFoundError) as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ from mixtrain_tf import api, attacks
 ATTACKS = ("pgd", "interval")
 
 
+class EvaluationError(RuntimeError):
+  """Evaluation stopped or found a bug; `partial_result` holds what was measured."""
+
+  def __init__(self, message: str, partial_result: dict):
+    super().__init__(message)
+    self.partial_result = partial_result
+
+
 def _progress(total: int | None, verbose: bool):
   return keras.utils.Progbar(total, unit_name="example") if verbose else None
 
@@ -65,9 +73,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
           seed=seed_t)),
   }
   if margins_fn is None:
-    margin_fns = {m: tf.function(lambda x, y, m=m: api.bound_box(
-        network, *api.input_box(x, epsilon), m,
-        api.margin_spec(y, network.outputs[0].shape[-1])).upper) for m in methods}
+    margin_fns = {m: tf.function(lambda x, y, m=m: api.ball_margins(
+        network, x, y, epsilon, m)) for m in methods}
   else:
     margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
@@ -75,41 +82,61 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
   seconds = dict.fromkeys(counts, 0.0)
   total = 0
   bar = _progress(num_examples, verbose)
-  for x, y in dataset:
-    if num_examples is not None and total >= num_examples:
-      break
-    if num_examples is not None:
-      x, y = x[: num_examples - total], y[: num_examples - total]
-    x = tf.cast(x, tf.float32)
-    y = tf.cast(y, tf.int32)
-    t = time.perf_counter()
-    correct = tf.equal(tf.argmax(predict(x), 1, tf.int32), y)
-    seconds["clean"] += time.perf_counter() - t
-    counts["clean"] += int(tf.reduce_sum(tf.cast(correct, tf.int32)))
-    for a in attack_names:
+  try:
+    for x, y in dataset:
+      if num_examples is not None and total >= num_examples:
+        break
+      if num_examples is not None:
+        x, y = x[: num_examples - total], y[: num_examples - total]
+      x = tf.cast(x, tf.float32)
+      step = {}  # this batch's counts, added only once the batch is complete
+      y = tf.cast(y, tf.int32)
       t = time.perf_counter()
-      x_adv = attack_fns[a](x, y)
-      ok = tf.logical_and(correct, tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y))
-      seconds[f"attack/{a}"] += time.perf_counter() - t
-      counts[f"attack/{a}"] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
-    for m in methods:
-      t = time.perf_counter()
-      ok = tf.logical_and(correct, api.is_verified(margin_fns[m](x, y), y))
-      seconds[f"verified/{m}"] += time.perf_counter() - t
-      counts[f"verified/{m}"] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
-    total += int(x.shape[0])
-    if bar:
-      bar.update(total)
-  def leaf(key):
-    return {"accuracy": counts[key] / max(1, total), "count": counts[key],
-            "seconds": round(seconds[key], 3)}
-  result = {"examples": total, "epsilon": float(epsilon), "clean": leaf("clean"),
-            "attacks": {a: leaf(f"attack/{a}") for a in attack_names},
-            "verified": {m: leaf(f"verified/{m}") for m in methods}}
+      correct = tf.equal(tf.argmax(predict(x), 1, tf.int32), y)
+      seconds["clean"] += time.perf_counter() - t
+      step["clean"] = int(tf.reduce_sum(tf.cast(correct, tf.int32)))
+      for a in attack_names:
+        t = time.perf_counter()
+        x_adv = attack_fns[a](x, y)
+        still = tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y)
+        ok = tf.logical_and(correct, still)
+        seconds[f"attack/{a}"] += time.perf_counter() - t
+        step[f"attack/{a}"] = int(tf.reduce_sum(tf.cast(ok, tf.int32)))
+      for m in methods:
+        t = time.perf_counter()
+        ok = tf.logical_and(correct, api.is_verified(margin_fns[m](x, y), y))
+        seconds[f"verified/{m}"] += time.perf_counter() - t
+        step[f"verified/{m}"] = int(tf.reduce_sum(tf.cast(ok, tf.int32)))
+      for key, value in step.items():
+        counts[key] += value
+      total += int(x.shape[0])
+      if bar:
+        bar.update(total)
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise EvaluationError(
+        f"evaluation stopped after {total} examples: {reason}",
+        _result(counts, seconds, total, epsilon, attack_names, methods,
+                complete=False)) from e
+  result = _result(counts, seconds, total, epsilon, attack_names, methods)
   ceiling = min([counts["clean"]] + [counts[f"attack/{a}"] for a in attack_names])
   for m in methods:
     if counts[f"verified/{m}"] > ceiling:
-      raise RuntimeError(
+      raise EvaluationError(
           f"verified accuracy ({m}: {counts[f'verified/{m}']}) exceeds attacked or "
-          f"clean accuracy ({ceiling}) on {total} examples: a bound is unsound.")
+          f"clean accuracy ({ceiling}) on {total} examples: a bound is unsound.",
+          result)
   return result
+
+
+def _result(counts, seconds, total, epsilon, attack_names, methods,
+            complete=True) -> dict:
+  def leaf(key):
+    return {"accuracy": counts[key] / max(1, total), "count": counts[key],
+            "seconds": round(seconds[key], 3)}
+  out = {"examples": total, "epsilon": float(epsilon), "clean": leaf("clean"),
+         "attacks": {a: leaf(f"attack/{a}") for a in attack_names},
+         "verified": {m: leaf(f"verified/{m}") for m in methods}}
+  if not complete:
+    out["complete"] = False
+  return out

@@ -48,13 +48,13 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
     center = ops.rowdot(rows, pre.center)
     b = op.bias()
     if b is not None:
-      center += tf.linalg.matvec(
-          spec, tf.reshape(tf.broadcast_to(b, op.out_shape), [-1]))
+      # A bias may carry broadcast dims (Normalization's mean is (1, n)).
+      center += tf.linalg.matvec(spec, tf.reshape(
+          tf.broadcast_to(b, (1,) + tuple(op.out_shape)), [-1]))
     rad = ops.rowdot(tf.abs(rows), pre.radius)
     return IntervalBounds(center - rad, center + rad)
   out = node_bounds(graph, lower, upper)[-1]
-  batch = tf.shape(spec)[0]
-  c = tf.linalg.matvec(spec, tf.reshape(out.center, [batch, -1]))
-  r = tf.linalg.matvec(tf.abs(spec), tf.reshape(out.radius, [batch, -1]))
+  c = tf.linalg.matvec(spec, ops.flat(out.center))
+  r = tf.linalg.matvec(tf.abs(spec), ops.flat(out.radius))
   return IntervalBounds(c - r, c + r)
 

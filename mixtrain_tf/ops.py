@@ -39,10 +39,16 @@ def _split(x: tf.Tensor, lead: tf.Tensor) -> tf.Tensor:
   return tf.reshape(x, tf.concat([lead, tf.shape(x)[1:]], 0))
 
 
+def flat(t: tf.Tensor, lead: int = 1) -> tf.Tensor:
+  """t reshaped to [*t.shape[:lead], prod(t.shape[lead:])], empty batches included
+  (a -1 in a reshape cannot be inferred when the batch is 0)."""
+  shape = tf.shape(t)
+  return tf.reshape(t, tf.concat([shape[:lead], [tf.reduce_prod(shape[lead:])]], 0))
+
+
 def rowdot(rows: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
   """sum over the trailing dims of rows [B, m, *s] * x [B, *s] -> [B, m]."""
-  b, m = tf.shape(rows)[0], tf.shape(rows)[1]
-  return tf.einsum("bmk,bk->bm", tf.reshape(rows, [b, m, -1]), tf.reshape(x, [b, -1]))
+  return tf.einsum("bmk,bk->bm", flat(rows, 2), flat(x))
 
 
 class BoundOp:

@@ -282,7 +282,7 @@ def bounds(graph: BoundGraph, plan: Plan, lower: tf.Tensor, upper: tf.Tensor,
   if spec is None:
     n = int(np.prod(graph.output_shape))
     spec = tf.tile(tf.eye(n)[None], [batch, 1, 1])
-  c_flat = tf.reshape(c_out, [batch, -1])
+  c_flat = ops.flat(c_out)
   rows = tf.reshape(spec, tf.concat([tf.shape(spec)[:2], graph.output_shape], 0))
   rad, coeffs = st.backward(out, rows, keep=True)
   center = tf.linalg.matvec(spec, c_flat)

@@ -30,22 +30,12 @@ from mixtrain_tf import api, attacks
 METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic")
 
 
-def robust_margins(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
-                   bound: str, clip_min: float = 0.0, clip_max: float = 1.0
-                   ) -> tf.Tensor:
-  """Margin upper bounds [batch, classes] (0 at the label) over the clipped ball."""
-  lower, upper = api.input_box(x, epsilon, clip_min, clip_max)
-  n_out = network.outputs[0].shape[-1]
-  return api.bound_box(network, lower, upper, bound,
-                       spec=api.margin_spec(y, n_out)).upper
-
-
 def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
                 bound: str, clip_min: float = 0.0, clip_max: float = 1.0
                 ) -> tuple[tf.Tensor, tf.Tensor]:
   """Per-example robust loss (MIXTRAIN.md 2.3: cross-entropy of the margin upper
   bounds) and whether each example is verified."""
-  ub = robust_margins(network, x, y, epsilon, bound, clip_min, clip_max)
+  ub = api.ball_margins(network, x, y, epsilon, bound, clip_min, clip_max)
   per_example = keras.losses.sparse_categorical_crossentropy(y, ub, from_logits=True)
   return per_example, api.is_verified(ub, y)
 
@@ -196,7 +186,7 @@ class MixTrainModel(keras.Model):
     x, y = data[0], tf.cast(data[1], tf.int32)
     logits = self.network(x, training=False)
     clean = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-    ub = robust_margins(self.network, x, y, self.epsilon, self.eval_bound,
+    ub = api.ball_margins(self.network, x, y, self.epsilon, self.eval_bound,
                         self.clip_min, self.clip_max)
     verified = tf.logical_and(api.is_verified(ub, y),
                               tf.equal(tf.argmax(logits, 1, tf.int32), y))

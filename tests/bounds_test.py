@@ -239,9 +239,70 @@ def misc_net() -> keras.Model:
   return _set_random_weights(keras.Model(inputs, out, name="misc_net"), 8)
 
 
+def _negate_some_gammas(model: keras.Model, seed: int) -> keras.Model:
+  """BatchNormalization with negative gamma on half its channels."""
+  rng = np.random.default_rng(seed)
+  for layer in model._flatten_layers():  # nested models included
+    if isinstance(layer, L.BatchNormalization) and layer.scale:
+      gamma = layer.gamma.numpy()
+      gamma[::2] *= -rng.uniform(0.5, 1.5, gamma[::2].shape)
+      layer.gamma.assign(gamma)
+  return model
+
+
+@functools.cache
+def config_net() -> keras.Model:
+  """Non-default configurations of every layer kind: strides (2, 1), non-square
+  and even kernels with same padding, asymmetric padding, average pooling with
+  stride != pool, per-channel Normalization, negative BN gamma, tf.nn.relu and
+  keras.activations.relu as activations, a three-branch Add, a functional model
+  nested twice, Dense without bias on a rank-3 tensor."""
+  x = inputs = keras.Input((7, 6, 3))
+  x = L.Normalization(mean=[0.2, 0.5, 0.7], variance=[0.05, 0.2, 1.5])(x)
+  x = L.Conv2D(4, (3, 2), strides=(2, 1), padding="same",
+               activation=tf.nn.relu)(x)                                # 4x6x4
+  x = L.BatchNormalization()(x)
+  x = L.ZeroPadding2D(((0, 1), (2, 0)))(x)                             # 5x8x4
+  a = L.Conv2D(3, 2, padding="same", activation=keras.activations.relu)(x)
+  b = L.Conv2D(3, (1, 3), padding="same")(x)
+  c = L.Conv2D(3, 1, use_bias=False)(x)
+  x = L.ReLU()(L.Add()([a, b, c]))                                     # 5x8x3
+  x = L.AveragePooling2D((2, 3), strides=(1, 2))(x)                    # 4x3x3
+  inner_in = keras.Input((4, 3, 3))
+  inner = L.Conv2D(2, 2, strides=(1, 2), activation="relu")(inner_in)  # 3x1x2
+  inner = keras.Model(inner_in, L.BatchNormalization()(inner), name="inner")
+  mid_in = keras.Input((4, 3, 3))
+  mid = keras.Model(mid_in, L.Dropout(0.3)(inner(mid_in)), name="mid")
+  x = L.Reshape((3, 2))(mid(x))
+  x = L.Dense(4, use_bias=False, activation="relu")(x)                 # 3x4
+  x = L.Flatten()(x)
+  x = L.Rescaling(-0.7, offset=0.3)(x)
+  out = L.Dense(4)(L.Dense(6, activation="relu")(x))
+  model = keras.Model(inputs, out, name="config_net")
+  return _negate_some_gammas(_set_random_weights(model, 12), 13)
+
+
+@functools.cache
+def config_corner_net() -> keras.Model:
+  """config_net's less common forms on 2x3x2 inputs (12 dims, 4096 corners)."""
+  x = inputs = keras.Input((2, 3, 2))
+  x = L.Normalization(mean=[0.4, 0.6], variance=[0.1, 0.5])(x)
+  x = L.Conv2D(3, (2, 2), strides=(1, 2), padding="same",
+               activation=tf.nn.relu)(x)                               # 2x2x3
+  x = L.BatchNormalization()(x)
+  y = L.Conv2D(3, 1, activation="relu")(x)
+  x = L.ReLU()(L.Add()([x, y, L.Conv2D(3, 2, padding="same")(x)]))
+  x = L.AveragePooling2D((1, 2))(x)                                    # 2x1x3
+  x = L.Flatten()(x)
+  x = L.Dense(5, activation="relu")(x)
+  model = keras.Model(inputs, L.Dense(3)(x), name="config_corner_net")
+  return _negate_some_gammas(_set_random_weights(model, 14, gain=2.0), 15)
+
+
 RANDOM_NETS = {"dense": dense_net, "conv": conv_net, "residual": residual_net,
                "wide_residual": wide_residual_net, "norm": norm_net,
-               "corner": corner_net, "misc": misc_net}
+               "corner": corner_net, "misc": misc_net, "config": config_net,
+               "config_corner": config_corner_net}
 
 
 # -- soundness -----------------------------------------------------------------------
@@ -262,17 +323,26 @@ def test_sampled_outputs_inside_bounds(net, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bounds_sound_with_other_clip_range(method):
-  model = conv_net()
-  x = np.random.default_rng(3).uniform(-1, 1, (3, 8, 8, 2)).astype(np.float32)
-  lower, upper = mixtrain_tf.compute_bounds(model, x, 0.3, method=method,
-                                            clip_min=-1.0, clip_max=1.0)
-  points = _samples(*_box(x, 0.3, -1.0, 1.0), 2000, seed=1)
-  _assert_inside(_logits_at(model, points), lower, upper)
+@pytest.mark.parametrize("net, lo, hi", [("conv", -1.0, 1.0), ("config", -2.0, 3.0),
+                                         ("norm", 0.2, 0.7), ("residual", -0.5, 0.5)])
+def test_bounds_sound_with_other_clip_range(net, lo, hi, method):
+  model = RANDOM_NETS[net]()
+  shape = bound_graph(model).input_shape
+  x = np.random.default_rng(3).uniform(lo, hi, (3,) + shape).astype(np.float32)
+  eps = 0.15 * (hi - lo)
+  lower, upper = mixtrain_tf.compute_bounds(model, x, eps, method=method,
+                                            clip_min=lo, clip_max=hi)
+  points = _samples(*_box(x, eps, lo, hi), 2000, seed=1)
+  _assert_inside(_logits_at(model, points), lower, upper, what=f"{net} [{lo}, {hi}]")
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  ub = mixtrain_tf.margin_upper_bounds(model, x, y, eps, method=method, clip_min=lo,
+                                       clip_max=hi).numpy()
+  _assert_inside(_margins(_logits_at(model, points), y), None, ub,
+                 what=f"{net} margins [{lo}, {hi}]")
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("net", ["corner", "dense"])
+@pytest.mark.parametrize("net", ["corner", "dense", "config_corner"])
 def test_all_box_corners_inside_bounds(net, method):
   model = RANDOM_NETS[net]()
   x = _inputs(model, 4, seed=7)

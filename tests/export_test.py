@@ -249,13 +249,19 @@ def test_evaluate_rejects_unknown_names(kwargs, match, network, mnist):
 
 
 def test_export_uses_clip_range(network, mnist, tmp_path):
-  """clip_min/clip_max of export_saved_model bound the ball like compute_bounds."""
+  """clip_min/clip_max of export_saved_model bound the ball like compute_bounds,
+  and both refuse images outside that domain."""
   x, _ = mnist
   export.export_saved_model(network, str(tmp_path / "sm"), clip_min=0.2,
                             clip_max=0.8)
   bounds = tf.saved_model.load(str(tmp_path / "sm")).signatures["bounds"]
-  out = bounds(images=tf.constant(x[:4]), epsilon=tf.constant(0.05))
-  lower, upper = api.compute_bounds(network, x[:4], 0.05, "symbolic", clip_min=0.2,
+  inside = np.clip(x[:4], 0.2, 0.8)
+  out = bounds(images=tf.constant(inside), epsilon=tf.constant(0.05))
+  lower, upper = api.compute_bounds(network, inside, 0.05, "symbolic", clip_min=0.2,
                                     clip_max=0.8)
   np.testing.assert_allclose(out["lower"], lower, rtol=TOL, atol=TOL)
   np.testing.assert_allclose(out["upper"], upper, rtol=TOL, atol=TOL)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="input domain"):
+    bounds(images=tf.constant(x[:4]), epsilon=tf.constant(0.05))
+  with pytest.raises(ValueError, match="input domain"):
+    api.compute_bounds(network, x[:4], 0.05, "symbolic", clip_min=0.2, clip_max=0.8)

@@ -1,0 +1,90 @@
+"""The evaluate CLI checks everything before any work and never loses results."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mixtrain_tf import evaluation, networks
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cli(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  return subprocess.run([sys.executable, "-m", "mixtrain_tf.evaluate", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.fixture(scope="module")
+def mnist_model(tmp_path_factory):
+  path = tmp_path_factory.mktemp("model") / "net.keras"
+  networks.build("mnist_small").save(path)
+  return str(path)
+
+
+def _one_line_error(run, message):
+  assert run.returncode != 0
+  assert message in run.stderr, run.stderr[-2000:]
+  assert "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_num_examples_below_one_is_refused(value, mnist_model):
+  _one_line_error(_cli(f"--model={mnist_model}", f"--num_examples={value}"),
+                  "--num_examples must be >= 1")
+
+
+def test_bad_outputs_fail_before_any_work(mnist_model, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  run = _cli(f"--model={mnist_model}", f"--output={blocker}/eval.json",
+             "--num_examples=5")
+  _one_line_error(run, "cannot create its directory")
+  _one_line_error(_cli(f"--model={mnist_model}", f"--output={tmp_path}",
+                       "--num_examples=5"), "is a directory")
+  # A missing directory is created.
+  out = tmp_path / "new" / "dir" / "eval.json"
+  run = _cli(f"--model={mnist_model}", f"--output={out}", "--num_examples=5",
+             "--methods=interval", "--attacks=pgd", "--pgd_steps=1")
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert out.exists()
+
+
+def test_model_of_another_dataset_is_refused(mnist_model):
+  _one_line_error(_cli(f"--model={mnist_model}", "--dataset=cifar10",
+                       "--num_examples=5"),
+                  "takes inputs of shape (28, 28, 1), but --dataset=cifar10 has "
+                  "images of shape (32, 32, 3)")
+
+
+def test_missing_data_is_one_line(mnist_model, tmp_path):
+  _one_line_error(_cli(f"--model={mnist_model}", f"--data_dir={tmp_path}/none",
+                       "--num_examples=5"), "error: dataset 'mnist' was not found")
+
+
+def test_corrupt_keras_file_says_so(tmp_path):
+  bad = tmp_path / "broken.keras"
+  bad.write_bytes(b"not a zip file at all")
+  _one_line_error(_cli(f"--model={bad}", "--num_examples=5"),
+                  "could not be read as a Keras model")
+
+
+def test_a_failing_batch_keeps_the_results_of_the_batches_before():
+  model = networks.build("mnist_small")
+  rng = np.random.default_rng(0)
+  good = rng.uniform(0, 1, (4, 28, 28, 1)).astype(np.float32)
+  batches = [(good, np.zeros(4, np.int64)), (good * 255, np.zeros(4, np.int64))]
+  with pytest.raises(evaluation.EvaluationError) as err:
+    evaluation.evaluate(model, batches, 0.1, methods=("interval",), attack_names=(),
+                        verbose=False)
+  assert "stopped after 4 examples" in str(err.value)
+  partial = err.value.partial_result
+  assert partial["examples"] == 4 and partial["complete"] is False
+  assert partial["verified"]["interval"]["count"] <= partial["clean"]["count"] <= 4
