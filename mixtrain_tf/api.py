@@ -86,6 +86,24 @@ def _check_x_eagerly(x: np.ndarray, lo: float, hi: float, tol: float) -> None:
       "ball would not contain x, so a proof would be about other images." + hint)
 
 
+def check_ball(x: np.ndarray, epsilon, clip_min: float = 0.0,
+               clip_max: float = 1.0) -> None:
+  """Raises ValueError unless the clipped ball around x [batch, ...] can carry a
+  proof (see `input_box`); for numpy callers such as the VNNLIB writer."""
+  lo, hi = _domain(clip_min, clip_max)
+  try:
+    value = np.asarray(epsilon, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"epsilon must be a number, got {epsilon!r}.") from None
+  _check_epsilon_eagerly(value.astype(np.float32) if value.ndim == 0 else value)
+  x = np.asarray(x)
+  if x.dtype.kind != "f":
+    raise ValueError(f"x must be floating point images in [{lo:g}, {hi:g}], got "
+                     f"dtype {x.dtype}.")
+  _check_x_eagerly(x.astype(np.float32), lo, hi,
+                   ROUND_OFF * max(1.0, abs(lo), abs(hi)))
+
+
 def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
               ) -> tuple[tf.Tensor, tf.Tensor]:
   """The L-inf ball of radius epsilon around x, clipped to [clip_min, clip_max].
@@ -101,18 +119,12 @@ def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
   if isinstance(epsilon, (str, bytes)):
     raise ValueError(f"epsilon must be a number, got the string {epsilon!r}; pass "
                      "float(...).")
-  if tf.executing_eagerly():  # before a cast that would overflow or fail obscurely
-    try:
-      value = np.asarray(epsilon, np.float64)
-    except (TypeError, ValueError):
-      raise ValueError(f"epsilon must be a number, got {epsilon!r}.") from None
-    _check_epsilon_eagerly(value.astype(np.float32) if value.ndim == 0 else value)
+  if tf.executing_eagerly():
+    check_ball(np.asarray(x), epsilon, lo, hi)
+    checks = []
   x = tf.cast(x, tf.float32)
   eps = tf.cast(epsilon, tf.float32)
-  if tf.executing_eagerly():
-    _check_x_eagerly(x.numpy(), lo, hi, tol)
-    checks = []
-  else:
+  if not tf.executing_eagerly():
     domain = f"[clip_min, clip_max] = [{lo:g}, {hi:g}]"
     checks = [
         tf.debugging.assert_greater_equal(

@@ -53,6 +53,7 @@ import onnx
 import tensorflow as tf
 from onnx import TensorProto, helper, numpy_helper
 
+from mixtrain_tf import api
 from mixtrain_tf import graph as graph_lib
 from mixtrain_tf import ops
 
@@ -377,6 +378,7 @@ def input_box(x: np.ndarray, epsilon: float, clip_min: float = 0.0,
   anything else row-major. Returns float64 (lower, upper).
   """
   x = _example(x)
+  api.check_ball(x[None], epsilon, clip_min, clip_max)
   if x.ndim == 3:
     x = x.transpose(2, 0, 1)
   flat = x.astype(np.float64).ravel()

@@ -225,6 +225,17 @@ def test_vnnlib_rejects_bad_label(tmp_path):
     onnx_export.write_vnnlib(tmp_path / "p.vnnlib", np.zeros((2, 2, 1)), 10, 0.1, 10)
 
 
+@pytest.mark.parametrize("x, eps, match", [
+    (np.full((2, 2, 1), 200.0), 0.1, "divide them by 255"),
+    (np.full((2, 2, 1), 0.5), -0.1, "epsilon"),
+    (np.full((2, 2, 1), 0.5), float("nan"), "epsilon"),
+    (np.full((2, 2, 1), np.nan), 0.1, "NaN"),
+])
+def test_vnnlib_refuses_balls_that_cannot_carry_a_proof(tmp_path, x, eps, match):
+  with pytest.raises(ValueError, match=match):
+    onnx_export.write_vnnlib(tmp_path / "p.vnnlib", x, 1, eps, 10)
+
+
 # -- CLI -------------------------------------------------------------------------
 
 
