@@ -3,11 +3,13 @@
 from mixtrain_tf.api import (compute_bounds, margin_upper_bounds, per_sample_bytes,
                              verified)
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
-from mixtrain_tf.graph import UnsupportedLayerError
+from mixtrain_tf.graph import (SelfCheckError, UnsupportedLayerError,
+                               register_bound_op, supported_layers)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "IntervalBounds", "SymbolicBounds", "UnsupportedLayerError", "compute_bounds",
-    "margin_upper_bounds", "per_sample_bytes", "verified",
+    "IntervalBounds", "SelfCheckError", "SymbolicBounds", "UnsupportedLayerError",
+    "compute_bounds", "margin_upper_bounds", "per_sample_bytes", "register_bound_op",
+    "supported_layers", "verified",
 ]

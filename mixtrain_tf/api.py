@@ -267,7 +267,7 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
   """Lower and upper bounds of the logits over the clipped L-inf ball.
 
   Args:
-    model: a built Keras model of supported layers (see `graph.SUPPORTED_LAYERS`).
+    model: a built Keras model of supported layers (see `graph.supported_layers()`).
     x: [batch, *input_shape] float images in [clip_min, clip_max].
     epsilon: radius of the L-inf ball, in input (pixel) units.
     method: "interval" or "symbolic".

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -23,12 +24,6 @@ import tensorflow as tf
 from keras.src.models.functional import Functional
 
 from mixtrain_tf import ops
-
-SUPPORTED_LAYERS = (
-    "InputLayer", "Dense", "Conv2D", "ReLU", "Activation('relu'|'linear')",
-    "Flatten", "Reshape", "ZeroPadding2D", "Add", "Rescaling", "Normalization",
-    "InputNormalization", "BatchNormalization (inference)", "AveragePooling2D",
-    "Dropout")
 
 #: Activation functions read as ReLU / identity: Keras' and TensorFlow's own
 #: objects, compared by identity (a user function named "relu" is not one of them).
@@ -66,7 +61,7 @@ class SelfCheckError(ValueError):
 def _unsupported(layer, why: str = "has no sound bound here"):
   return UnsupportedLayerError(
       f"layer '{layer.name}' ({type(layer).__name__}) {why}; supported: "
-      f"{', '.join(SUPPORTED_LAYERS)}. Replace it or remove it before bounding.")
+      f"{', '.join(supported_layers())}. Replace it or remove it before bounding.")
 
 
 def _activation(layer) -> str:
@@ -142,7 +137,37 @@ def _batchnorm_shift(layer):
   return b + ops._f32(layer.beta) if layer.center else b
 
 
-def _dense_or_conv(graph, layer, x):
+#: A rule turns one layer into the bound operator(s) it applies, in order.
+BoundRule = Callable[[keras.layers.Layer], "ops.BoundOp | Sequence[ops.BoundOp]"]
+
+_RULES: dict[type, BoundRule] = {}
+
+
+def register_bound_op(layer_class: type, rule: BoundRule) -> None:
+  """Makes `layer_class` boundable: `rule(layer)` returns the operator(s) it applies.
+
+  Exactly this class is registered (not its subclasses, which may override
+  `call`). The rule returns one `ops.BoundOp` or a sequence applied in order, e.g.
+  `[ops.DenseOp(layer), ops.ReluOp()]`; it raises `UnsupportedLayerError` (see
+  `refuse`) for configurations it does not model. Every graph is self-checked
+  against the model, so a wrong rule is caught, not trusted. A layer class of your
+  own may instead define `bound_op()`, which is used when no rule is registered.
+  """
+  if not (isinstance(layer_class, type) and issubclass(layer_class,
+                                                       keras.layers.Layer)):
+    raise TypeError(f"layer_class must be a keras Layer class, got {layer_class!r}.")
+  if not callable(rule):
+    raise TypeError(f"rule must be callable, got {rule!r}.")
+  _RULES[layer_class] = rule
+
+
+def supported_layers() -> tuple[str, ...]:
+  """Names of the layer classes the engines read (from the registry)."""
+  return ("InputLayer", "Add", *(c.__name__ for c in _RULES),
+          "Sequential and functional models", "layers with bound_op()")
+
+
+def _dense_or_conv(layer):
   if type(layer) is keras.layers.Conv2D:
     _require(layer, "dilation_rate", tuple(layer.dilation_rate) == (1, 1))
     _require(layer, "groups", getattr(layer, "groups", 1) == 1)
@@ -151,84 +176,70 @@ def _dense_or_conv(graph, layer, x):
     op = ops.Conv2DOp(layer)
   else:
     op = ops.DenseOp(layer)
-  act = _activation(layer)
-  idx = graph._add(layer.name, op, [x])
-  if act == "relu":
-    idx = graph._add(layer.name + "/relu", ops.ReluOp(), [idx])
-  return idx
+  return [op, ops.ReluOp()] if _activation(layer) == "relu" else [op]
 
 
-def _relu(graph, layer, x):
+def _relu(layer):
   _require(layer, "max_value", layer.max_value is None)
   _require(layer, "negative_slope", float(layer.negative_slope) == 0.0)
   _require(layer, "threshold", float(layer.threshold) == 0.0)
-  return graph._add(layer.name, ops.ReluOp(), [x])
+  return ops.ReluOp()
 
 
-def _activation_layer(graph, layer, x):
-  op = ops.ReluOp() if _activation(layer) == "relu" else ops.IdentityOp()
-  return graph._add(layer.name, op, [x])
+def _activation_layer(layer):
+  return ops.ReluOp() if _activation(layer) == "relu" else ops.IdentityOp()
 
 
-def _flatten(graph, layer, x):
+def _flatten(layer):
   _channels_last(layer)
-  return graph._add(layer.name, ops.ReshapeOp(layer), [x])
+  return ops.ReshapeOp(layer)
 
 
-def _reshape(graph, layer, x):
-  return graph._add(layer.name, ops.ReshapeOp(layer), [x])
-
-
-def _zero_padding(graph, layer, x):
+def _zero_padding(layer):
   _channels_last(layer)
-  return graph._add(layer.name, ops.ZeroPadOp(layer.padding), [x])
+  return ops.ZeroPadOp(layer.padding)
 
 
-def _average_pooling(graph, layer, x):
+def _average_pooling(layer):
   _channels_last(layer)
   _require(layer, "padding", layer.padding in ("valid", "same"))
-  return graph._add(layer.name, ops.AvgPoolOp(layer), [x])
-
-
-def _dropout(graph, layer, x):
-  return graph._add(layer.name, ops.IdentityOp(), [x])
+  return ops.AvgPoolOp(layer)
 
 
 def _scale_shift(scale, shift):
-  def add(graph, layer, x):
-    return graph._add(layer.name, ops.ScaleShiftOp(
-        functools.partial(scale, layer), functools.partial(shift, layer)), [x])
-  return add
+  def rule(layer):
+    return ops.ScaleShiftOp(functools.partial(scale, layer),
+                            functools.partial(shift, layer))
+  return rule
 
 
-def _normalization(graph, layer, x):
+def _normalization(layer):
   _require(layer, "invert", not layer.invert)
-  return _scale_shift(_normalization_scale, _normalization_shift)(graph, layer, x)
+  return _scale_shift(_normalization_scale, _normalization_shift)(layer)
 
 
-def _batch_normalization(graph, layer, x):
-  axis = layer.axis if isinstance(layer.axis, int) else None
-  rank = len(graph.nodes[x].op.out_shape) + 1
-  _require(layer, "axis", axis in (-1, rank - 1),
-           fix="normalize the last (channels) axis")
-  return _scale_shift(_batchnorm_scale, _batchnorm_shift)(graph, layer, x)
+def _batch_normalization(layer):
+  rank = getattr(layer.input_spec, "ndim", None)
+  _require(layer, "axis", isinstance(layer.axis, int) and rank is not None
+           and layer.axis in (-1, rank - 1), fix="normalize the last (channels) axis")
+  return _scale_shift(_batchnorm_scale, _batchnorm_shift)(layer)
 
 
-#: Exact layer classes the engines read, and how (single-input layers).
-_LAYERS = {
-    keras.layers.Dense: _dense_or_conv,
-    keras.layers.Conv2D: _dense_or_conv,
-    keras.layers.ReLU: _relu,
-    keras.layers.Activation: _activation_layer,
-    keras.layers.Flatten: _flatten,
-    keras.layers.Reshape: _reshape,
-    keras.layers.ZeroPadding2D: _zero_padding,
-    keras.layers.AveragePooling2D: _average_pooling,
-    keras.layers.Dropout: _dropout,
-    keras.layers.Rescaling: _scale_shift(_rescaling_scale, _rescaling_shift),
-    keras.layers.Normalization: _normalization,
-    keras.layers.BatchNormalization: _batch_normalization,
-}
+for _cls, _rule in [
+    (keras.layers.Dense, _dense_or_conv),
+    (keras.layers.Conv2D, _dense_or_conv),
+    (keras.layers.ReLU, _relu),
+    (keras.layers.Activation, _activation_layer),
+    (keras.layers.Flatten, _flatten),
+    (keras.layers.Reshape, ops.ReshapeOp),
+    (keras.layers.ZeroPadding2D, _zero_padding),
+    (keras.layers.AveragePooling2D, _average_pooling),
+    (keras.layers.Dropout, lambda layer: ops.IdentityOp()),
+    (keras.layers.Rescaling, _scale_shift(_rescaling_scale, _rescaling_shift)),
+    (keras.layers.Normalization, _normalization),
+    (keras.layers.BatchNormalization, _batch_normalization),
+]:
+  register_bound_op(_cls, _rule)
 _MODELS = (keras.Sequential, Functional)
 
 
@@ -315,48 +326,72 @@ class BoundGraph:
     else:
       if len(inputs) != 1:
         raise _unsupported(layer, f"has {len(inputs)} inputs")
-      handler = _LAYERS.get(kind)
-      bound_op = getattr(layer, "bound_op", None)
-      if handler is not None:
-        out = handler(self, layer, inputs[0])
-      elif callable(bound_op):  # our own layers describe themselves
-        out = self._add(layer.name, bound_op(), inputs)
-      elif isinstance(layer, tuple(_LAYERS) + (keras.layers.Add,)):
-        raise _unsupported(layer, "subclasses a supported layer and may change its "
-                           "call(); register it by giving it a bound_op() method, or "
-                           "use the Keras class itself")
-      else:
-        raise _unsupported(layer)
+      out = inputs[0]
+      for k, op in enumerate(self._rule_ops(layer)):
+        name = layer.name if k == 0 else (
+            f"{layer.name}/relu" if isinstance(op, ops.ReluOp) else f"{layer.name}/{k}")
+        out = self._add(name, op, [out])
     self.calls.append(LayerCall(layer, tuple(inputs), out))
     return out
 
+  @staticmethod
+  def _rule_ops(layer) -> list[ops.BoundOp]:
+    rule = _RULES.get(type(layer))
+    if rule is None and callable(getattr(layer, "bound_op", None)):
+      rule = lambda layer: layer.bound_op()  # noqa: E731  (our own layers)
+    if rule is None:
+      if isinstance(layer, tuple(_RULES) + (keras.layers.Add,)):
+        raise _unsupported(layer, "subclasses a supported layer and may change its "
+                           "call(); register it (register_bound_op) or give it a "
+                           "bound_op() method, or use the Keras class itself")
+      raise _unsupported(layer)
+    out = rule(layer)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
   # -- evaluation ---------------------------------------------------------------
+
+  def propagate(self, rules: dict, values: dict, order=None) -> dict:
+    """The one forward traversal every engine uses.
+
+    For each node index in `order` (default: every node after the input), in
+    order, `values[i] = rule(i, node, ins)`, where `ins` are the values of the
+    node's inputs present in `values` and the rule is `rules[C]` for the most
+    specific class C of the node's operator (e.g. `ops.ReluOp`, `ops.AddOp`,
+    `ops.AffineOp`, or a subclass such as `ops.DenseOp`). An engine is a rule table.
+    """
+    order = range(1, len(self.nodes)) if order is None else order
+    for i in order:
+      node = self.nodes[i]
+      rule = next((rules[c] for c in type(node.op).__mro__ if c in rules), None)
+      if rule is None:
+        raise ValueError(f"no rule for node '{node.name}' ({type(node.op).__name__}).")
+      values[i] = rule(i, node, [values[j] for j in node.inputs if j in values])
+    return values
 
   def forward(self, x: tf.Tensor, infer_shapes: bool = False) -> list[tf.Tensor]:
     """Every node's value at input x (the centre of a zero-radius box)."""
-    values = []
-    for node in self.nodes:
+    def add(i, node, ins):
+      shapes = {tuple(t.shape[1:]) for t in ins}
+      if len(shapes) != 1:
+        raise ValueError(f"Add '{node.name}' gets tensors of shapes {shapes}.")
+      return tf.add_n(ins)
+
+    def affine(i, node, ins):
       op = node.op
-      ins = [values[i] for i in node.inputs]
-      if isinstance(op, ops.InputOp):
-        v = tf.cast(x, tf.float32)
-      elif isinstance(op, ops.AddOp):
-        shapes = {tuple(t.shape[1:]) for t in ins}
-        if len(shapes) != 1:
-          raise ValueError(f"Add '{node.name}' gets tensors of shapes {shapes}.")
-        v = tf.add_n(ins)
-      elif isinstance(op, ops.ReluOp):
-        v = tf.nn.relu(ins[0])
-      else:
-        if infer_shapes:
-          op.in_shape = tuple(int(d) for d in ins[0].shape[1:])
-          if isinstance(op, ops.ReshapeOp):
-            op.out_shape = tuple(int(d) for d in op.layer.compute_output_shape(
-                (None,) + op.in_shape)[1:])
-        v = op.affine(ins[0])
       if infer_shapes:
-        op.out_shape = tuple(int(d) for d in v.shape[1:])
-      values.append(v)
+        op.in_shape = tuple(int(d) for d in ins[0].shape[1:])
+        if isinstance(op, ops.ReshapeOp):
+          op.out_shape = tuple(int(d) for d in op.layer.compute_output_shape(
+              (None,) + op.in_shape)[1:])
+      return op.affine(ins[0])
+
+    values = self.propagate(
+        {ops.ReluOp: lambda i, node, ins: tf.nn.relu(ins[0]), ops.AddOp: add,
+         ops.AffineOp: affine}, {0: tf.cast(x, tf.float32)})
+    values = [values[i] for i in range(len(self.nodes))]
+    if infer_shapes:
+      for node, v in zip(self.nodes, values):
+        node.op.out_shape = tuple(int(d) for d in v.shape[1:])
     return values
 
   def self_check(self, num_probes: int = 2) -> None:

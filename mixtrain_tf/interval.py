@@ -9,24 +9,31 @@ from mixtrain_tf.bounds import IntervalBounds
 from mixtrain_tf.graph import BoundGraph
 
 
+def _relu(i, node, ins):
+  return IntervalBounds(tf.nn.relu(ins[0].lower), tf.nn.relu(ins[0].upper))
+
+
+def _add(i, node, ins):
+  return IntervalBounds(tf.add_n([b.lower for b in ins]),
+                        tf.add_n([b.upper for b in ins]))
+
+
+def _affine(i, node, ins):
+  c = node.op.affine(ins[0].center)
+  r = node.op.abs_linear(ins[0].radius)
+  return IntervalBounds(c - r, c + r)
+
+
+RULES = {ops.ReluOp: _relu, ops.AddOp: _add, ops.AffineOp: _affine}
+
+
 def node_bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
                 stop: int | None = None) -> list[IntervalBounds]:
-  """Interval bounds of every node up to `stop` (default: all), as center/radius."""
+  """Interval bounds of every node up to `stop` (default: all)."""
   stop = len(graph.nodes) if stop is None else stop
-  out = [IntervalBounds(lower, upper)]
-  for node in graph.nodes[1:stop]:
-    op = node.op
-    ins = [out[j] for j in node.inputs]
-    if isinstance(op, ops.ReluOp):
-      out.append(IntervalBounds(tf.nn.relu(ins[0].lower), tf.nn.relu(ins[0].upper)))
-    elif isinstance(op, ops.AddOp):
-      out.append(IntervalBounds(tf.add_n([b.lower for b in ins]),
-                                tf.add_n([b.upper for b in ins])))
-    else:
-      c = op.affine(ins[0].center)
-      r = op.abs_linear(ins[0].radius)
-      out.append(IntervalBounds(c - r, c + r))
-  return out
+  values = graph.propagate(RULES, {0: IntervalBounds(lower, upper)},
+                           order=range(1, stop))
+  return [values[i] for i in range(stop)]
 
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,

@@ -274,33 +274,25 @@ class _Writer:
     else:
       onnx_in = [self.batch, *in_shape]
       values = [_Value(INPUT_NAME, _KERAS, in_shape)]
-    for node in self.g.nodes[1:]:
-      op, base = node.op, node.name
-      args = [values[i] for i in node.inputs]
-      if isinstance(op, ops.AddOp):
-        v = self._add(args, base, op.out_shape)
-      elif isinstance(op, ops.ReluOp):
-        a = args[0]
-        v = _Value(self._node("Relu", [a.name], base), a.layout, a.shape,
-                   a.image_shape)
-      elif isinstance(op, ops.IdentityOp):
-        v = args[0]
-      elif isinstance(op, ops.DenseOp):
-        v = self._dense(op, args[0], base)
-      elif isinstance(op, ops.Conv2DOp):
-        v = self._conv(op, args[0], base)
-      elif isinstance(op, ops.ScaleShiftOp):
-        v = self._scale_shift(op, args[0], base)
-      elif isinstance(op, ops.ReshapeOp):
-        v = self._reshape(op, args[0], base)
-      elif isinstance(op, ops.ZeroPadOp):
-        v = self._zero_pad(op, args[0], base)
-      elif isinstance(op, ops.AvgPoolOp):
-        v = self._avg_pool(op, args[0], base)
-      else:
-        raise ValueError(f"node '{node.name}' ({type(op).__name__}) has no ONNX "
-                         "export.")
-      values.append(v)
+    def relu(i, node, ins):
+      a = ins[0]
+      return _Value(self._node("Relu", [a.name], node.name), a.layout, a.shape,
+                    a.image_shape)
+
+    def writer(method):
+      return lambda i, node, ins: method(node.op, ins[0], node.name)
+
+    rules = {
+        ops.AddOp: lambda i, node, ins: self._add(ins, node.name, node.op.out_shape),
+        ops.ReluOp: relu,
+        ops.IdentityOp: lambda i, node, ins: ins[0],
+        ops.DenseOp: writer(self._dense), ops.Conv2DOp: writer(self._conv),
+        ops.ScaleShiftOp: writer(self._scale_shift),
+        ops.ReshapeOp: writer(self._reshape), ops.ZeroPadOp: writer(self._zero_pad),
+        ops.AvgPoolOp: writer(self._avg_pool),
+    }
+    values = self.g.propagate(rules, dict(enumerate(values)))
+    values = [values[i] for i in range(len(self.g.nodes))]
     out = self._to_keras(values[-1], "output")
     out_name = self._name_output(out.name)
     graph = helper.make_graph(

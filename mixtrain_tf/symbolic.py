@@ -150,18 +150,20 @@ class Plan:
     if len(nodes[z].op.out_shape) != 3:
       return None
     probe = np.eye(h * w, dtype=np.float32).reshape(h * w, h, w, 1)
-    values = {s: probe}
-    for i in chain:
-      op = nodes[i].op
-      ins = [values[j] for j in nodes[i].inputs if j in values]
-      if isinstance(op, ops.ReluOp):
-        values[i] = ins[0]
-      elif isinstance(op, ops.AddOp):
-        values[i] = sum(ins)
-      else:
-        values[i] = op.structural(ins[0])
-        if values[i] is None:
-          return None
+
+    def structural(i, node, ins):
+      out = node.op.structural(ins[0])
+      if out is None:
+        raise _NotSpatial
+      return out
+
+    try:
+      values = self.graph.propagate(
+          {ops.ReluOp: lambda i, node, ins: ins[0],
+           ops.AddOp: lambda i, node, ins: sum(ins), ops.AffineOp: structural},
+          {s: probe}, order=chain)
+    except _NotSpatial:
+      return None
     dep = values[z][..., 0].reshape(h * w, -1) > 0  # [source pos, target pos]
     ys, xs = np.divmod(np.arange(h * w), w)
     py = px = 1
@@ -182,6 +184,10 @@ def _relax(lower, upper):
                  tf.where(unstable, upper / denom, tf.zeros_like(upper)))
   mu = tf.where(unstable, -lam * lower / 2.0, tf.zeros_like(upper))
   return lam, mu
+
+
+class _NotSpatial(Exception):
+  """A layer between source and target has no structural (spatial) map."""
 
 
 class _State:
@@ -231,16 +237,11 @@ class _State:
       for i in src.chain:
         r = nodes[i].op.abs_linear(r)
       return r
-    x = {src.index: r[:, None] * src.basis()[None]}
-    for i in src.chain:
-      op = nodes[i].op
-      ins = [x[j] for j in nodes[i].inputs if j in x]
-      if isinstance(op, ops.ReluOp):
-        x[i] = ins[0] * self.lam[i][:, None]
-      elif isinstance(op, ops.AddOp):
-        x[i] = tf.add_n(ins)
-      else:
-        x[i] = op.linear(ins[0])
+    x = self.graph.propagate(
+        {ops.ReluOp: lambda i, node, ins: ins[0] * self.lam[i][:, None],
+         ops.AddOp: lambda i, node, ins: tf.add_n(ins),
+         ops.AffineOp: lambda i, node, ins: node.op.linear(ins[0])},
+        {src.index: r[:, None] * src.basis()[None]}, order=src.chain)
     return tf.reduce_sum(tf.abs(x[z]), axis=1)
 
   def radius(self, z: int) -> tf.Tensor:
@@ -262,20 +263,15 @@ def bounds(graph: BoundGraph, plan: Plan, lower: tf.Tensor, upper: tf.Tensor,
   st = _State(graph, plan)
   st.center[0] = (lower + upper) / 2.0
   st.rad[0] = (upper - lower) / 2.0
-  for i, node in enumerate(graph.nodes[1:], 1):
-    op = node.op
-    if isinstance(op, ops.ReluOp):
-      z = node.inputs[0]
-      c = st.center[z]
-      rad = st.radius(z)
-      lam, mu = _relax(c - rad, c + rad)
-      st.lam[i] = lam
-      st.rad[i] = mu
-      st.center[i] = lam * c + mu
-    elif isinstance(op, ops.AddOp):
-      st.center[i] = tf.add_n([st.center[j] for j in node.inputs])
-    else:
-      st.center[i] = op.affine(st.center[node.inputs[0]])
+
+  def relu(i, node, ins):
+    rad = st.radius(node.inputs[0])
+    st.lam[i], st.rad[i] = _relax(ins[0] - rad, ins[0] + rad)
+    return st.lam[i] * ins[0] + st.rad[i]
+
+  graph.propagate({ops.ReluOp: relu, ops.AddOp: lambda i, node, ins: tf.add_n(ins),
+                   ops.AffineOp: lambda i, node, ins: node.op.affine(ins[0])},
+                  st.center)
   out = len(graph.nodes) - 1
   c_out = st.center[out]
   batch = tf.shape(c_out)[0]
