@@ -3,7 +3,7 @@ r"""The robust loss over the whole training set vs over MixTrain's k sampled poi
     python experiments/robust_loss_distribution.py --model=runs/compare/eps0.1/mixtrain \
         --epsilon=0.1 --k=10 --batch_size=50 --out=runs/robust_loss_distribution
 
-MixTrain (MIXTRAIN.md 3) bounds only k points drawn uniformly from each batch of B;
+MixTrain (docs/method.md 3) bounds only k points drawn uniformly from each batch of B;
 the mean over them is an unbiased estimate of the batch's robust loss. This computes
 the robust loss (cross-entropy of the symbolic margin upper bounds) of every
 training image under a trained network, then draws the points MixTrain would draw

@@ -69,7 +69,7 @@ def pgd(model: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, y: tf.Tensor,
 def interval_step(network, x_adv: tf.Tensor, x: tf.Tensor, y: tf.Tensor, epsilon,
                   estep: float = 0.01, clip_min: float = 0.0,
                   clip_max: float = 1.0) -> tf.Tensor:
-  """One interval iteration of MIXTRAIN.md 5 for every point of the batch.
+  """One interval iteration of docs/method.md 5 for every point of the batch.
 
   Around x_adv, boxes of radius estep * ed (ed = 1, then x3, radius capped at
   eps / 2) are bounded symbolically. Where the box is not proven robust, the
@@ -121,7 +121,7 @@ def interval_attack(network, x: tf.Tensor, y: tf.Tensor, epsilon,
                     estep: float = 0.01, clip_min: float = 0.0,
                     clip_max: float = 1.0, seed: tf.Tensor | None = None
                     ) -> tf.Tensor:
-  """The interval attack of MIXTRAIN.md 5: PGD combined with interval steps.
+  """The interval attack of docs/method.md 5: PGD combined with interval steps.
 
   Each restart: PGD from the current point, up to 3 interval iterations (1 after
   the first two restarts), PGD again. Restart 0 starts at x, later ones at uniform

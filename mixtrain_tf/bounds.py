@@ -30,7 +30,7 @@ class IntervalBounds:
 
 @dataclasses.dataclass(frozen=True)
 class SymbolicBounds:
-  """A symbolic interval (MIXTRAIN.md 2.2) of m output quantities per example.
+  """A symbolic interval (docs/method.md 2.2) of m output quantities per example.
 
   Quantity j of example b is
       z[b, j] = center[b, j] + sum_i input_coeffs[b, j, i] * e_i

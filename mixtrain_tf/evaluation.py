@@ -41,7 +41,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
     epsilon: L-inf radius.
     methods: bound methods for verified accuracy.
     attack_names: attacks for attacked accuracy: "pgd" and/or "interval"
-      (MIXTRAIN.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
+      (docs/method.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
       pgd_restarts.
     num_examples: stop after this many examples.
     predict_fn: optional images -> logits replacing `network`.

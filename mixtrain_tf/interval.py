@@ -1,4 +1,4 @@
-"""Interval bound propagation (MIXTRAIN.md 2.1)."""
+"""Interval bound propagation (docs/method.md 2.1)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class InputNormalization(keras.layers.Layer):
   """(x - mean) / std per channel, with constants fixed in the config.
 
   Unlike `keras.layers.Normalization` it needs no `adapt()`: the constants of
-  MIXTRAIN.md 7 are given, and it round-trips through `get_config`.
+  docs/method.md 7 are given, and it round-trips through `get_config`.
   """
 
   def __init__(self, mean: Sequence[float], std: Sequence[float], **kwargs):

@@ -1,4 +1,4 @@
-"""The six networks of MIXTRAIN.md section 6, as Keras functional models (NHWC).
+"""The six networks of docs/method.md section 6, as Keras functional models (NHWC).
 
 ReLU after every layer but the last; no batch norm, no pooling. PyTorch's padding 1
 on these even-sized maps equals Keras "same"; the 7x7/2 ImageNet stem uses explicit

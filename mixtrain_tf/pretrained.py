@@ -1,6 +1,6 @@
 """Imports the MixTrain authors' released PyTorch weights into our Keras networks.
 
-The authors' MNIST_Small (MIXTRAIN.md 6) is a PyTorch `nn.Sequential`:
+The authors' MNIST_Small (docs/method.md 6) is a PyTorch `nn.Sequential`:
 
     0 Conv2d(1, 16, 4, stride=2, padding=1), 1 ReLU,
     2 Conv2d(16, 32, 4, stride=2, padding=1), 3 ReLU, 4 Flatten,

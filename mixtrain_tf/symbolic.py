@@ -1,4 +1,4 @@
-"""Symbolic intervals with symbolic linear relaxation (MIXTRAIN.md 2.2).
+"""Symbolic intervals with symbolic linear relaxation (docs/method.md 2.2).
 
 Every neuron value is the equation z = c + sum_i A[i] e_i + sum_r E[r] h_r with all
 symbols in [-1, 1]: one input symbol per input value (A starts as the diagonal of
@@ -176,7 +176,7 @@ class Plan:
 
 
 def _relax(lower, upper):
-  """lam, mu of MIXTRAIN.md 2.2 (lam = 1, mu = 0 active; 0, 0 dead)."""
+  """lam, mu of docs/method.md 2.2 (lam = 1, mu = 0 active; 0, 0 dead)."""
   active = lower >= 0.0
   unstable = tf.logical_and(lower < 0.0, upper > 0.0)
   denom = tf.where(unstable, upper - lower, tf.ones_like(upper))

@@ -9,7 +9,7 @@
 The same model runs the baselines MixTrain's cost claims are measured against,
 selected by `method`:
 
-* "mixtrain": alpha * clean + (1 - alpha) * robust, the robust loss (MIXTRAIN.md 2.3,
+* "mixtrain": alpha * clean + (1 - alpha) * robust, the robust loss (docs/method.md 2.3,
   symbolic bounds) on k points drawn uniformly from each replica's batch;
 * "clean": cross-entropy only;
 * "pgd": Madry adversarial training (cross-entropy at PGD points);
@@ -33,7 +33,7 @@ METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic")
 def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
                 bound: str, clip_min: float = 0.0, clip_max: float = 1.0
                 ) -> tuple[tf.Tensor, tf.Tensor]:
-  """Per-example robust loss (MIXTRAIN.md 2.3: cross-entropy of the margin upper
+  """Per-example robust loss (docs/method.md 2.3: cross-entropy of the margin upper
   bounds) and whether each example is verified."""
   ub = api.ball_margins(network, x, y, epsilon, bound, clip_min, clip_max)
   per_example = keras.losses.sparse_categorical_crossentropy(y, ub, from_logits=True)

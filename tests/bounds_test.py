@@ -1,7 +1,7 @@
-"""Properties of the bound API (MIXTRAIN.md 2): soundness, exactness, agreement with
+"""Properties of the bound API (docs/method.md 2): soundness, exactness, agreement with
 the float64 reference, tightness, input checks and chunking.
 
-Every network here is small and random unless it is one of the six of MIXTRAIN.md 6;
+Every network here is small and random unless it is one of the six of docs/method.md 6;
 those are bounded with a batch of one or two. Tolerances are for float32 rounding
 only: 1e-5 relative to the scale of the bounds.
 """

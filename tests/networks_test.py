@@ -1,4 +1,4 @@
-"""The six networks of MIXTRAIN.md 6 (layer structure, shapes, padding, parameter
+"""The six networks of docs/method.md 6 (layer structure, shapes, padding, parameter
 counts) and the import of the authors' released MNIST_Small weights."""
 
 from __future__ import annotations

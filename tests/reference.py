@@ -1,4 +1,4 @@
-"""Independent float64 reference of MIXTRAIN.md 2.2 with explicit dense matrices.
+"""Independent float64 reference of docs/method.md 2.2 with explicit dense matrices.
 
 Per example, every node carries the full symbolic equation: center c [n], input
 coefficients A [d, n] and one relaxation block E_l [n_l, n] per ReLU node, pushed

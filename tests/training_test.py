@@ -1,4 +1,4 @@
-"""Tests of MixTrainModel (mixtrain_tf.training) and its callbacks (MIXTRAIN.md 3-4).
+"""Tests of MixTrainModel (mixtrain_tf.training) and its callbacks (docs/method.md 3-4).
 
 Train steps run on a tiny batch of real MNIST. The multi-device checks run in a
 subprocess whose single CPU is split into 2 logical devices before TensorFlow
