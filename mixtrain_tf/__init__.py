@@ -1,7 +1,8 @@
 """mixtrain_tf: verifiably robust training (MixTrain) for TensorFlow / Keras."""
 
-from mixtrain_tf.api import (compute_bounds, margin_upper_bounds, per_sample_bytes,
-                             verified)
+from mixtrain_tf.api import (BoundMethod, compute_bounds, margin_upper_bounds,
+                             per_sample_bytes, verified)
+from mixtrain_tf.bound_layer import BoundLayer
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import (SelfCheckError, UnsupportedLayerError,
                                register_bound_op, supported_layers)
@@ -9,7 +10,8 @@ from mixtrain_tf.graph import (SelfCheckError, UnsupportedLayerError,
 __version__ = "0.1.0"
 
 __all__ = [
-    "IntervalBounds", "SelfCheckError", "SymbolicBounds", "UnsupportedLayerError",
-    "compute_bounds", "margin_upper_bounds", "per_sample_bytes", "register_bound_op",
+    "BoundLayer", "BoundMethod", "IntervalBounds", "SelfCheckError",
+    "SymbolicBounds", "UnsupportedLayerError", "compute_bounds",
+    "margin_upper_bounds", "per_sample_bytes", "register_bound_op",
     "supported_layers", "verified",
 ]

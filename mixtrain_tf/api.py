@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import keras
 import numpy as np
@@ -12,7 +13,17 @@ from mixtrain_tf import interval, ops, symbolic
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import BoundGraph, bound_graph
 
-METHODS = ("interval", "symbolic")
+class BoundMethod(str, enum.Enum):
+  """Bound methods; the plain strings ("interval", "symbolic") are accepted too."""
+  INTERVAL = "interval"
+  SYMBOLIC = "symbolic"
+
+  @classmethod
+  def _missing_(cls, value):
+    raise ValueError(f"unknown bound method {value!r}; choose one of {METHODS}.")
+
+
+METHODS = tuple(m.value for m in BoundMethod)
 DEFAULT_MEMORY_BUDGET_MB = 1024
 
 
@@ -54,10 +65,13 @@ def _domain(clip_min, clip_max) -> tuple[float, float]:
   return lo, hi
 
 
-def _check_epsilon_eagerly(eps: np.ndarray) -> None:
-  if eps.ndim != 0 or not np.isfinite(eps) or eps < 0:
-    raise ValueError(f"epsilon must be a finite scalar >= 0 in float32, got "
-                     f"{eps!r}.")
+def _check_epsilon_eagerly(eps: np.ndarray, batch: int) -> None:
+  if eps.ndim > 1 or (eps.ndim == 1 and eps.shape[0] != batch):
+    raise ValueError(f"epsilon must be a scalar or one radius per example (shape "
+                     f"({batch},)), got shape {eps.shape}.")
+  eps = eps.astype(np.float32)
+  if not (np.all(np.isfinite(eps)) and np.all(eps >= 0)):
+    raise ValueError(f"epsilon must be finite and >= 0 in float32, got {eps!r}.")
 
 
 def _check_x_eagerly(x: np.ndarray, lo: float, hi: float, tol: float) -> None:
@@ -95,8 +109,8 @@ def check_ball(x: np.ndarray, epsilon, clip_min: float = 0.0,
     value = np.asarray(epsilon, np.float64)
   except (TypeError, ValueError):
     raise ValueError(f"epsilon must be a number, got {epsilon!r}.") from None
-  _check_epsilon_eagerly(value.astype(np.float32) if value.ndim == 0 else value)
   x = np.asarray(x)
+  _check_epsilon_eagerly(value, len(x) if x.ndim else 0)
   if x.dtype.kind != "f":
     raise ValueError(f"x must be floating point images in [{lo:g}, {hi:g}], got "
                      f"dtype {x.dtype}.")
@@ -107,6 +121,8 @@ def check_ball(x: np.ndarray, epsilon, clip_min: float = 0.0,
 def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
               ) -> tuple[tf.Tensor, tf.Tensor]:
   """The L-inf ball of radius epsilon around x, clipped to [clip_min, clip_max].
+
+  `epsilon` is a scalar or one radius per example ([batch]).
 
   Refuses a ball that would make a proof meaningless: x outside the domain (beyond
   float32 round-off, `ROUND_OFF`), NaN or infinite x, an empty domain, epsilon
@@ -124,6 +140,11 @@ def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
     checks = []
   x = tf.cast(x, tf.float32)
   eps = tf.cast(epsilon, tf.float32)
+  if eps.shape.rank is None or eps.shape.rank > 1:
+    raise ValueError("epsilon must be a scalar or one radius per example, got shape "
+                     f"{eps.shape}.")
+  if eps.shape.rank == 1:  # one radius per example
+    eps = tf.reshape(eps, [-1] + [1] * (x.shape.rank - 1))
   if not tf.executing_eagerly():
     domain = f"[clip_min, clip_max] = [{lo:g}, {hi:g}]"
     checks = [
@@ -194,8 +215,7 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
   failed converting the bound graph's construction on first use in a trace.
   """
   graph = bound_graph(model)
-  if method not in METHODS:
-    raise ValueError(f"unknown bound method {method!r}; choose one of {METHODS}.")
+  method = BoundMethod(method).value
   # An empty batch runs as one all-zero example, sliced away: the engines'
   # reshapes and einsums assume a non-empty batch.
   n = tf.shape(lower)[0]
@@ -206,7 +226,7 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
 
   lower, upper = padded(lower), padded(upper)
   spec = None if spec is None else padded(spec)
-  if method == "interval":
+  if method == BoundMethod.INTERVAL:
     out = interval.bounds(graph, lower, upper, spec)
   else:
     out = symbolic.bounds(graph, _plan(graph), lower, upper, spec)
@@ -225,8 +245,7 @@ def _map_tensors(fn, bounds):
 def _check(model, x, method, y=None, clip=(0.0, 1.0)):
   """Checks what does not depend on values (works in graph mode too); input_box
   and margin_spec check the values."""
-  if method not in METHODS:
-    raise ValueError(f"unknown bound method {method!r}; choose one of {METHODS}.")
+  BoundMethod(method)
   graph = bound_graph(model)
   x = tf.convert_to_tensor(x)
   if not x.dtype.is_floating:
@@ -243,6 +262,16 @@ def _check(model, x, method, y=None, clip=(0.0, 1.0)):
                              and y.shape[0] != x.shape[0]):
       raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}.")
   return graph, tf.cast(x, tf.float32)
+
+
+def _per_example(epsilon, x, clip_min, clip_max) -> tf.Tensor:
+  """epsilon as one radius per example (checked first), so chunks carry theirs."""
+  if isinstance(epsilon, (str, bytes)):
+    input_box(x[:0], epsilon, clip_min, clip_max)  # raises the string error
+  if tf.executing_eagerly():
+    check_ball(x.numpy(), epsilon, clip_min, clip_max)
+  eps = tf.cast(epsilon, tf.float32)
+  return tf.broadcast_to(eps, tf.shape(x)[:1]) if eps.shape.rank == 0 else eps
 
 
 def _chunked(fn, model, method, memory_budget_mb, *tensors):
@@ -279,12 +308,13 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
   """
   _, x = _check(model, x, method, clip=(clip_min, clip_max))
 
-  def run(xc):
-    lo, hi = input_box(xc, epsilon, clip_min, clip_max)
+  def run(xc, ec):
+    lo, hi = input_box(xc, ec, clip_min, clip_max)
     b = bound_box(model, lo, hi, method).concretize()
     return ops.flat(b.lower), ops.flat(b.upper)
 
-  return _chunked(run, model, method, memory_budget_mb, x)
+  return _chunked(run, model, method, memory_budget_mb, x,
+                  _per_example(epsilon, x, clip_min, clip_max))
 
 
 def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbolic",
@@ -294,10 +324,11 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
   _, x = _check(model, x, method, y=y, clip=(clip_min, clip_max))
   y = tf.convert_to_tensor(y)
 
-  def run(xc, yc):
-    return (ball_margins(model, xc, yc, epsilon, method, clip_min, clip_max),)
+  def run(xc, yc, ec):
+    return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max),)
 
-  return _chunked(run, model, method, memory_budget_mb, x, y)[0]
+  return _chunked(run, model, method, memory_budget_mb, x, y,
+                  _per_example(epsilon, x, clip_min, clip_max))[0]
 
 
 def verified(model: keras.Model, x, y, epsilon, method: str = "symbolic",

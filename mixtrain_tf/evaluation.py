@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import keras
 import tensorflow as tf
 
-from mixtrain_tf import api, attacks
+from mixtrain_tf import api, attacks, bound_layer
 
 ATTACKS = ("pgd", "interval")
 
@@ -73,8 +73,9 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
           seed=seed_t)),
   }
   if margins_fn is None:
-    margin_fns = {m: tf.function(lambda x, y, m=m: api.ball_margins(
-        network, x, y, epsilon, m)) for m in methods}
+    layers = {m: bound_layer.BoundLayer(network, m) for m in methods}
+    margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
+        "margin_upper"]) for m in methods}
   else:
     margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from mixtrain_tf import api
+from mixtrain_tf import api, bound_layer
 
 
 class _BoundModule(tf.Module):
@@ -30,17 +30,17 @@ class _BoundModule(tf.Module):
     def serve(images):
       return {"logits": network(images, training=False)}
 
+    self.bound_layer = bound_layer.BoundLayer(network, "symbolic", clip_min,
+                                              clip_max)
+
     @tf.function(input_signature=[x_spec, eps_spec])
     def bounds(images, epsilon):
-      lo, hi = api.input_box(images, epsilon, clip_min, clip_max)
-      b = api.bound_box(network, lo, hi, "symbolic").concretize()
-      return {"lower": b.lower, "upper": b.upper}
+      return self.bound_layer(images, epsilon)
 
     @tf.function(input_signature=[
         x_spec, tf.TensorSpec([None], tf.int32, name="labels"), eps_spec])
     def margins(images, labels, epsilon):
-      return {"margin_upper": api.ball_margins(network, images, labels, epsilon,
-                                               "symbolic", clip_min, clip_max)}
+      return self.bound_layer(images, epsilon, labels)
 
     self.serve, self.bounds, self.margins = serve, bounds, margins
 

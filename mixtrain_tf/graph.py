@@ -277,6 +277,7 @@ class BoundGraph:
       if self_check:
         self.self_check()
     self.output_shape = self.nodes[-1].op.out_shape
+    self.num_outputs = int(np.prod(self.output_shape))
 
   # -- building -------------------------------------------------------------
 

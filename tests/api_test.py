@@ -97,12 +97,28 @@ def test_bad_domains_are_refused(clip_min, clip_max, match):
 
 
 @pytest.mark.parametrize("eps", [-0.1, float("nan"), float("inf"), 1e39, "0.1",
-                                 [0.1, 0.1, 0.1]])
+                                 [0.1, 0.1], [[0.1]], [0.1, -0.1, 0.1]])
 @pytest.mark.parametrize("method", METHODS)
 def test_bad_epsilons_are_refused(eps, method):
   for call in _all_calls(NET, _x(), np.zeros(3, int), eps, method).values():
     with pytest.raises(ValueError, match="epsilon"):
       call()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_radius_per_example_equals_separate_calls(method, monkeypatch):
+  x, eps = _x(), np.array([0.0, 0.05, 0.2], np.float32)
+  lower, upper = mixtrain_tf.compute_bounds(NET, x, eps, method)
+  ub = mixtrain_tf.margin_upper_bounds(NET, x, np.arange(3), eps, method)
+  monkeypatch.setattr(api, "per_sample_bytes", lambda *a: 2**40)  # chunks of one
+  chunked = mixtrain_tf.compute_bounds(NET, x, eps, method, memory_budget_mb=1)
+  for i in range(3):
+    lo, hi = mixtrain_tf.compute_bounds(NET, x[i:i + 1], float(eps[i]), method)
+    u = mixtrain_tf.margin_upper_bounds(NET, x[i:i + 1], [i], float(eps[i]), method)
+    np.testing.assert_allclose(lower[i], lo[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(upper[i], hi[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(chunked[1][i], hi[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ub[i], u[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("labels, match", [
