@@ -46,8 +46,7 @@ def pgd(model: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, y: tf.Tensor,
   x = tf.cast(x, tf.float32)
   y = tf.cast(y, tf.int32)
   eps = tf.cast(epsilon, tf.float32)
-  lo = tf.clip_by_value(x - eps, clip_min, clip_max)
-  hi = tf.clip_by_value(x + eps, clip_min, clip_max)
+  lo, hi = api.input_box(x, epsilon, clip_min, clip_max)
   best = x
   best_score = _margin_loss(model(x), y)
   seed = tf.zeros([2], tf.int32) if seed is None else tf.cast(seed, tf.int32)
@@ -82,8 +81,7 @@ def interval_step(network, x_adv: tf.Tensor, x: tf.Tensor, y: tf.Tensor, epsilon
   eps = tf.cast(epsilon, tf.float32)
   n_out = network.outputs[0].shape[-1]
   spec = api.margin_spec(y, n_out)
-  ball_lo = tf.clip_by_value(x - eps, clip_min, clip_max)
-  ball_hi = tf.clip_by_value(x + eps, clip_min, clip_max)
+  ball_lo, ball_hi = api.input_box(x, epsilon, clip_min, clip_max)
   cap = eps / 2.0
   radius = tf.minimum(tf.fill(tf.shape(y), estep), cap)
   ed = tf.ones(tf.shape(y))
@@ -97,9 +95,7 @@ def interval_step(network, x_adv: tf.Tensor, x: tf.Tensor, y: tf.Tensor, epsilon
     r *= 3.0
     attempts += 1
   for _ in range(attempts):
-    rr = tf.reshape(radius, bshape)
-    lo = tf.clip_by_value(out - rr, clip_min, clip_max)
-    hi = tf.clip_by_value(out + rr, clip_min, clip_max)
+    lo, hi = api.input_box(out, radius, clip_min, clip_max)
     sb = api.bound_box(network, lo, hi, "symbolic", spec)
     d = tf.argmax(sb.upper, axis=1, output_type=tf.int32)
     proven = tf.equal(d, y)
@@ -131,8 +127,7 @@ def interval_attack(network, x: tf.Tensor, y: tf.Tensor, epsilon,
   y = tf.cast(y, tf.int32)
   eps = tf.cast(epsilon, tf.float32)
   seed = tf.zeros([2], tf.int32) if seed is None else tf.cast(seed, tf.int32)
-  lo = tf.clip_by_value(x - eps, clip_min, clip_max)
-  hi = tf.clip_by_value(x + eps, clip_min, clip_max)
+  lo, hi = api.input_box(x, epsilon, clip_min, clip_max)
   predict = lambda z: network(z, training=False)  # noqa: E731
   bshape = [-1] + [1] * (len(x.shape) - 1)
   best = x
