@@ -81,6 +81,13 @@ class MixTrainModel(keras.Model):
       raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if epsilon < 0:
       raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    policy = self.dtype_policy.name
+    if policy != "float32":
+      raise ValueError(
+          f"MixTrainModel runs under the {policy!r} dtype policy, but bounds are "
+          "float32 proofs (a float16 bound proves nothing): set "
+          "keras.mixed_precision.set_global_policy('float32') before building the "
+          "network and the model.")
     api.bound_graph(network)  # unsupported layers fail here, before training
     self.network = network
     self.method = method
@@ -165,8 +172,8 @@ class MixTrainModel(keras.Model):
         loss = (self.alpha * tf.reduce_mean(clean)
                 + (1.0 - self.alpha) * tf.reduce_mean(robust))
       # Per-replica mean / replicas: the summed gradients of all replicas are the
-      # gradient of the global mean, as on one device.
-      scaled = loss / tf.cast(replicas, tf.float32)
+      # gradient of the global mean, as on one device. scale_loss is the identity unless a loss-scale optimizer asks for it.
+      scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, tf.float32))
     grads = tape.gradient(scaled, self.network.trainable_variables)
     self.optimizer.apply(grads, self.network.trainable_variables)
     t = self._trackers
