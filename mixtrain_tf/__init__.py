@@ -1,5 +1,11 @@
 """mixtrain_tf: verifiably robust training (MixTrain) for TensorFlow / Keras."""
 
+from mixtrain_tf import quiet as _quiet
+
+_quiet.quiet_start()  # only for `python -m mixtrain_tf.train|evaluate`
+
+# ruff: noqa: E402  (the quiet start must come before TensorFlow is imported)
+
 from mixtrain_tf.api import (BoundMethod, compute_bounds, margin_upper_bounds,
                              per_sample_bytes, verified)
 from mixtrain_tf.bound_layer import BoundLayer
