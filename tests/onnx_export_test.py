@@ -19,7 +19,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from mixtrain_tf import networks, onnx_export  # noqa: E402
+from mixtrain_tf import networks, onnx_export, vnnlib  # noqa: E402
 from mixtrain_tf.layers import InputNormalization  # noqa: E402
 
 L = keras.layers
@@ -201,7 +201,7 @@ def test_vnnlib_is_the_clipped_eps_box(tmp_path, shape, eps):
   x.flat[:3] = [0.0, 1.0, 0.02]  # clipped below / above
   y = 3
   path = tmp_path / "p.vnnlib"
-  onnx_export.write_vnnlib(path, x, y, eps, num_classes=10)
+  vnnlib.write_vnnlib(path, x, y, eps, num_classes=10)
   n_x, n_y, box, disjuncts = parse_vnnlib(path.read_text())
   h, w, c = shape
   assert n_x == x.size and n_y == 10 and sorted(box) == list(range(x.size))
@@ -222,7 +222,7 @@ def test_vnnlib_is_the_clipped_eps_box(tmp_path, shape, eps):
 
 def test_vnnlib_rejects_bad_label(tmp_path):
   with pytest.raises(ValueError, match="label"):
-    onnx_export.write_vnnlib(tmp_path / "p.vnnlib", np.zeros((2, 2, 1)), 10, 0.1, 10)
+    vnnlib.write_vnnlib(tmp_path / "p.vnnlib", np.zeros((2, 2, 1)), 10, 0.1, 10)
 
 
 @pytest.mark.parametrize("x, eps, match", [
@@ -233,7 +233,7 @@ def test_vnnlib_rejects_bad_label(tmp_path):
 ])
 def test_vnnlib_refuses_balls_that_cannot_carry_a_proof(tmp_path, x, eps, match):
   with pytest.raises(ValueError, match=match):
-    onnx_export.write_vnnlib(tmp_path / "p.vnnlib", x, 1, eps, 10)
+    vnnlib.write_vnnlib(tmp_path / "p.vnnlib", x, 1, eps, 10)
 
 
 # -- CLI -------------------------------------------------------------------------
@@ -274,6 +274,6 @@ def test_cli_writes_benchmark(tmp_path):
     np.testing.assert_allclose(got, want[i:i + 1], atol=ATOL)
     n_x, n_y, box, disjuncts = parse_vnnlib((out / f"prop_{i}.vnnlib").read_text())
     assert (n_x, n_y) == (784, 10)
-    lo, hi = onnx_export.input_box(x[i], eps)
+    lo, hi = vnnlib.input_box(x[i], eps)
     assert [box[k] for k in range(784)] == [[a, b] for a, b in zip(lo, hi)]
     assert sorted(disjuncts) == [(j, int(y[i])) for j in range(10) if j != y[i]]

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 import keras
 import numpy as np
 
-from mixtrain_tf import data, onnx_export
+from mixtrain_tf import data, onnx_export, vnnlib
 from mixtrain_tf import layers as _layers  # noqa: F401  (registers custom layers)
 
 FLAGS = flags.FLAGS
@@ -122,7 +122,7 @@ def export_benchmark(model: str, output_dir: str, dataset: str, epsilon: float,
   for i, (x, y) in enumerate(zip(images, labels)):
     pred = int(np.argmax(logits[i]))
     name = f"prop_{i}.vnnlib"
-    onnx_export.write_vnnlib(
+    vnnlib.write_vnnlib(
         os.path.join(output_dir, name), x, int(y), epsilon, num_classes,
         comment=(f"{dataset} test image {i}; Keras prediction {pred} "
                  + ("(correct)" if pred == int(y) else
