@@ -53,63 +53,19 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
      "verified": {method: {...}}}, each leaf with accuracy, count and seconds.
     Raises RuntimeError if verified <= attacked <= clean is violated (a bug).
   """
-  for m in methods:
-    if m not in api.METHODS:
-      raise ValueError(f"unknown bound method {m!r}; choose from {api.METHODS}.")
-  for a in attack_names:
-    if a not in ATTACKS:
-      raise ValueError(f"unknown attack {a!r}; choose from {ATTACKS}.")
-    if a == "interval" and network is None:
-      raise ValueError("the interval attack needs the network's layers (a Keras "
-                       "model), not only its signatures.")
-  predict = predict_fn or tf.function(lambda x: network(x, training=False))
-  seed_t = tf.constant([seed, 0], tf.int32)
-  attack_fns = {
-      "pgd": tf.function(lambda x, y: attacks.pgd(
-          predict, x, y, epsilon, pgd_steps, pgd_step_size, pgd_restarts,
-          seed=seed_t)),
-      "interval": tf.function(lambda x, y: attacks.interval_attack(
-          network, x, y, float(epsilon), pgd_steps, pgd_step_size, pgd_restarts,
-          seed=seed_t)),
-  }
-  if margins_fn is None:
-    layers = {m: bound_layer.BoundLayer(network, m) for m in methods}
-    margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
-        "margin_upper"]) for m in methods}
-  else:
-    margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
+  _check_names(network, methods, attack_names)
+  predict, attack_fns, margin_fns = _functions(
+      network, epsilon, methods, attack_names, predict_fn, margins_fn,
+      dict(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
+           seed=tf.constant([seed, 0], tf.int32)))
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
   seconds = dict.fromkeys(counts, 0.0)
   total = 0
   bar = _progress(num_examples, verbose)
   try:
-    for x, y in dataset:
-      if num_examples is not None and total >= num_examples:
-        break
-      if num_examples is not None:
-        x, y = x[: num_examples - total], y[: num_examples - total]
-      x = tf.cast(x, tf.float32)
-      step = {}  # this batch's counts, added only once the batch is complete
-      y = tf.cast(y, tf.int32)
-      t = time.perf_counter()
-      correct = tf.equal(tf.argmax(predict(x), 1, tf.int32), y)
-      seconds["clean"] += time.perf_counter() - t
-      step["clean"] = int(tf.reduce_sum(tf.cast(correct, tf.int32)))
-      for a in attack_names:
-        t = time.perf_counter()
-        x_adv = attack_fns[a](x, y)
-        still = tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y)
-        ok = tf.logical_and(correct, still)
-        seconds[f"attack/{a}"] += time.perf_counter() - t
-        step[f"attack/{a}"] = int(tf.reduce_sum(tf.cast(ok, tf.int32)))
-      for m in methods:
-        t = time.perf_counter()
-        ok = tf.logical_and(correct, api.is_verified(margin_fns[m](x, y), y))
-        seconds[f"verified/{m}"] += time.perf_counter() - t
-        step[f"verified/{m}"] = int(tf.reduce_sum(tf.cast(ok, tf.int32)))
-      for key, value in step.items():
-        counts[key] += value
+    for x, y in _limited(dataset, num_examples):
+      _count_batch(x, y, predict, attack_fns, margin_fns, counts, seconds)
       total += int(x.shape[0])
       if bar:
         bar.update(total)
@@ -120,6 +76,34 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
         _result(counts, seconds, total, epsilon, attack_names, methods,
                 complete=False)) from e
   result = _result(counts, seconds, total, epsilon, attack_names, methods)
+  _check_invariant(counts, total, attack_names, methods, result)
+  return result
+
+
+def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
+               pgd: dict):
+  """The compiled prediction, attack and margin functions of one evaluation."""
+  predict = predict_fn or tf.function(lambda x: network(x, training=False))
+  attack_fns = {
+      "pgd": lambda: tf.function(lambda x, y: attacks.pgd(
+          predict, x, y, epsilon, pgd["steps"], pgd["step_size"], pgd["restarts"],
+          seed=pgd["seed"])),
+      "interval": lambda: tf.function(lambda x, y: attacks.interval_attack(
+          network, x, y, float(epsilon), pgd["steps"], pgd["step_size"],
+          pgd["restarts"], seed=pgd["seed"])),
+  }
+  attack_fns = {a: attack_fns[a]() for a in attack_names}
+  if margins_fn is None:
+    layers = {m: bound_layer.BoundLayer(network, m) for m in methods}
+    margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
+        "margin_upper"]) for m in methods}
+  else:
+    margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
+  return predict, attack_fns, margin_fns
+
+
+def _check_invariant(counts, total, attack_names, methods, result) -> None:
+  """verified <= attacked <= clean, or a bound is unsound."""
   ceiling = min([counts["clean"]] + [counts[f"attack/{a}"] for a in attack_names])
   for m in methods:
     if counts[f"verified/{m}"] > ceiling:
@@ -127,7 +111,51 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
           f"verified accuracy ({m}: {counts[f'verified/{m}']}) exceeds attacked or "
           f"clean accuracy ({ceiling}) on {total} examples: a bound is unsound.",
           result)
-  return result
+
+
+def _check_names(network, methods, attack_names) -> None:
+  for m in methods:
+    api.BoundMethod(m)
+  for a in attack_names:
+    if a not in ATTACKS:
+      raise ValueError(f"unknown attack {a!r}; choose from {ATTACKS}.")
+    if a == "interval" and network is None:
+      raise ValueError("the interval attack needs the network's layers (a Keras "
+                       "model), not only its signatures.")
+
+
+def _limited(dataset: Iterable, num_examples: int | None):
+  """(float32 images, int32 labels) batches, cut after num_examples."""
+  total = 0
+  for x, y in dataset:
+    if num_examples is not None and total >= num_examples:
+      return
+    if num_examples is not None:
+      x, y = x[: num_examples - total], y[: num_examples - total]
+    total += int(x.shape[0])
+    yield tf.cast(x, tf.float32), tf.cast(y, tf.int32)
+
+
+def _count_batch(x, y, predict, attack_fns, margin_fns, counts, seconds) -> None:
+  """Adds one batch's counts and seconds; counts change only if all of it ran."""
+  step = {}
+  t = time.perf_counter()
+  correct = tf.equal(tf.argmax(predict(x), 1, tf.int32), y)
+  seconds["clean"] += time.perf_counter() - t
+  step["clean"] = correct
+  for a, attack in attack_fns.items():
+    t = time.perf_counter()
+    x_adv = attack(x, y)
+    still = tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y)
+    seconds[f"attack/{a}"] += time.perf_counter() - t
+    step[f"attack/{a}"] = tf.logical_and(correct, still)
+  for m, margins in margin_fns.items():
+    t = time.perf_counter()
+    ok = tf.logical_and(correct, api.is_verified(margins(x, y), y))
+    seconds[f"verified/{m}"] += time.perf_counter() - t
+    step[f"verified/{m}"] = ok
+  for key, ok in step.items():
+    counts[key] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
 
 
 def _result(counts, seconds, total, epsilon, attack_names, methods,
