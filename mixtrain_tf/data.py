@@ -291,33 +291,8 @@ def _read_tiny_imagenet(
         "train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)."
     )
   wnids = sorted(set(wnids_path.read_text().split()))
-  if split == "test":
-    label_of = {wnid: label for label, wnid in enumerate(wnids)}
-    annotations = root / "val" / "val_annotations.txt"
-    if not annotations.is_file():
-      raise DataNotFoundError(
-          f"Tiny ImageNet in {root} has no {annotations}: the test split needs the "
-          "official val/images/ and val/val_annotations.txt."
-      )
-    rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()
-            if line]
-    pairs = [(root / "val" / "images" / file, label_of[wnid])
-             for file, wnid in rows]
-  else:
-    per_class = [sorted((root / "train" / wnid / "images").glob("*.JPEG"))
-                 for wnid in wnids]
-    longest = max(len(files) for files in per_class)
-    if longest == 0:
-      raise DataNotFoundError(
-          f"Tiny ImageNet in {root} has no training images "
-          "train/<wnid>/images/*.JPEG."
-      )
-    pairs = [
-        (files[i], label)
-        for i in range(longest)
-        for label, files in enumerate(per_class)
-        if i < len(files)
-    ]
+  pairs = (_tiny_imagenet_test_files(root, wnids) if split == "test"
+           else _tiny_imagenet_train_files(root, wnids))
   start, stop = _example_range(split, len(pairs), validation_size, max_examples,
                                name)
   pairs = pairs[start:stop]
@@ -329,6 +304,34 @@ def _read_tiny_imagenet(
   if shuffle:
     files = files.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
   return files.map(_read_jpeg, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tiny_imagenet_test_files(root: pathlib.Path, wnids: list[str]) -> list:
+  """(path, label) of val/images/ in val_annotations.txt order."""
+  label_of = {wnid: label for label, wnid in enumerate(wnids)}
+  annotations = root / "val" / "val_annotations.txt"
+  if not annotations.is_file():
+    raise DataNotFoundError(
+        f"Tiny ImageNet in {root} has no {annotations}: the test split needs the "
+        "official val/images/ and val/val_annotations.txt."
+    )
+  rows = [line.split("\t")[:2] for line in annotations.read_text().splitlines()
+          if line]
+  return [(root / "val" / "images" / file, label_of[wnid]) for file, wnid in rows]
+
+
+def _tiny_imagenet_train_files(root: pathlib.Path, wnids: list[str]) -> list:
+  """(path, label) of train/<wnid>/images/*.JPEG, round-robin over classes."""
+  per_class = [sorted((root / "train" / wnid / "images").glob("*.JPEG"))
+               for wnid in wnids]
+  longest = max(len(files) for files in per_class)
+  if longest == 0:
+    raise DataNotFoundError(
+        f"Tiny ImageNet in {root} has no training images "
+        "train/<wnid>/images/*.JPEG."
+    )
+  return [(files[i], label) for i in range(longest)
+          for label, files in enumerate(per_class) if i < len(files)]
 
 
 def _read_jpeg(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
