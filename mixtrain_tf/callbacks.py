@@ -1,5 +1,5 @@
-"""Callbacks that steer MixTrain: the epsilon ramp, dynamic alpha (MIXTRAIN.md 4) and
-a wall-clock training budget.
+"""Callbacks that steer MixTrain: the epsilon ramp, dynamic alpha (MIXTRAIN.md 4), a
+wall-clock training budget, and a backup that resumes history and training time.
 
 They assign the model's non-trainable variables (`model.epsilon`, `model.alpha`),
 which the compiled train step reads, so a change takes effect at the next step.
@@ -8,6 +8,8 @@ which the compiled train step reads, so a change takes effect at the next step.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from collections.abc import Callable
 
@@ -125,8 +127,9 @@ class TimeBudget(keras.callbacks.Callback):
   the budget (Keras still runs that epoch's validation and callbacks).
 
   Logs `train_seconds` (training time so far) and `schedule_epoch` at each epoch
-  end. The clock starts at `on_train_begin`: a run resumed from a backup gets a new
-  full budget.
+  end. The clock starts at `on_train_begin`; a run resumed from a backup continues
+  its clock when `resume(seconds)` is called (`ResumableBackup` does this), else it
+  gets a new full budget.
 
   Args:
     seconds: training time budget.
@@ -146,12 +149,19 @@ class TimeBudget(keras.callbacks.Callback):
     self.ramp, self.learning_rate = ramp, learning_rate
     self._start = None
     self._excluded = 0.0
+    self._before = 0.0
 
   def train_seconds(self) -> float:
-    """Training seconds so far (0 before training starts)."""
+    """Training seconds so far, including those before a resume."""
     if self._start is None:
-      return 0.0
-    return time.perf_counter() - self._start - self._excluded
+      return self._before
+    return self._before + time.perf_counter() - self._start - self._excluded
+
+  def resume(self, seconds_before: float):
+    """Continues the clock of a run that had trained `seconds_before` seconds."""
+    self._before = float(seconds_before)
+    if self.model is not None and self._start is not None:
+      self._apply()
 
   def schedule_epoch(self) -> float:
     return self.epochs * min(1.0, self.train_seconds() / self.seconds)
@@ -188,3 +198,77 @@ class TimeBudget(keras.callbacks.Callback):
     if logs is not None:
       logs["train_seconds"] = self.train_seconds()
       logs["schedule_epoch"] = self.schedule_epoch()
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+  """`BackupAndRestore` that also backs up the epoch logs and training seconds.
+
+  A run resumed from the backup then reports its whole history: `history()` holds
+  every epoch's logs (the ones before the interruption, read from `progress.json`
+  in the backup folder, then this run's), and `train_seconds()` adds the seconds
+  trained before. Epochs logged after the last weights backup (a run killed in
+  between) are dropped, as Keras retrains them. List it after the callbacks that
+  add to the epoch logs, so that the logs it keeps are complete.
+
+  Args:
+    backup_dir: As for `BackupAndRestore` (double checkpointing is on).
+    paused_seconds: Function returning the seconds of this `fit` that were not
+      training (e.g. learning-curve measurements).
+    on_resume: Functions called with the seconds trained before, after a restore
+      (e.g. `TimeBudget.resume`).
+  """
+
+  PROGRESS = "progress.json"
+
+  def __init__(self, backup_dir: str,
+               paused_seconds: Callable[[], float] = lambda: 0.0,
+               on_resume: tuple[Callable[[float], None], ...] = ()):
+    super().__init__(backup_dir, double_checkpoint=True)
+    self._paused_seconds, self._on_resume = paused_seconds, on_resume
+    self.epochs: list[dict] = []
+    self.initial_epoch = 0
+    self.seconds_before = 0.0
+    self._t0 = None
+
+  def on_train_begin(self, logs=None):
+    super().on_train_begin(logs)
+    self.initial_epoch = int(getattr(self.model, "_initial_epoch", None) or 0)
+    path = os.path.join(self.backup_dir, self.PROGRESS)
+    saved = []
+    if self.initial_epoch and os.path.exists(path):
+      with open(path) as fh:
+        saved = json.load(fh)
+    self.epochs = [e for e in saved if e["epoch"] < self.initial_epoch]
+    self.seconds_before = self.epochs[-1]["train_seconds"] if self.epochs else 0.0
+    self._t0 = time.perf_counter()
+    if self.initial_epoch:
+      for resume in self._on_resume:
+        resume(self.seconds_before)
+
+  def train_seconds(self) -> float:
+    """Training seconds of the whole run so far (before a resume and since)."""
+    if self._t0 is None:
+      return self.seconds_before
+    return (self.seconds_before + time.perf_counter() - self._t0
+            - self._paused_seconds())
+
+  def history(self) -> dict[str, list[float]]:
+    """{log name: one value per epoch} over the whole run."""
+    keys = []
+    for e in self.epochs:
+      keys += [k for k in e["logs"] if k not in keys]
+    return {k: [e["logs"].get(k, float("nan")) for e in self.epochs] for k in keys}
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.epochs.append({
+        "epoch": epoch, "train_seconds": self.train_seconds(),
+        "logs": {k: float(v) for k, v in (logs or {}).items()}})
+    # Written before the weights: a kill in between leaves an extra epoch here,
+    # which on_train_begin drops.
+    os.makedirs(self.backup_dir, exist_ok=True)
+    path = os.path.join(self.backup_dir, self.PROGRESS)
+    temp = f"{path}.tmp"
+    with open(temp, "w") as fh:
+      json.dump(self.epochs, fh)
+    os.replace(temp, path)
+    super().on_epoch_end(epoch, logs)

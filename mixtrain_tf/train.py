@@ -4,10 +4,15 @@ r"""Trains a network with MixTrain (or a baseline) and writes everything to --mo
 
 Outputs: TensorBoard logs (`logs/`), a resumable backup (`backup/`, removed when
 training ends; a killed run restarted with the same command continues where it
-stopped), `flags.txt` (resolved flags), `history.json`, `network.keras`,
-`metrics.json` (test clean / PGD / verified accuracy, train seconds, peak memory,
-flags), `saved_model/` (see `mixtrain_tf.export`) and, with --curve_examples,
-`curve.json` (accuracy against training seconds).
+stopped, and its history, train seconds and curve cover the whole run),
+`flags.txt` (resolved flags), `history.json`, `network.keras`, `metrics.json`
+(test clean / PGD / verified accuracy, train seconds, peak memory, flags, the steps
+done), `saved_model/` (see `mixtrain_tf.export`) and, with --curve_examples,
+`curve.json` (accuracy against training seconds). Files are written atomically.
+
+A directory holds one run (see `mixtrain_tf.rundir`): a finished run is never
+overwritten (unless --overwrite), an unfinished one is resumed only with the same
+flags (except `RESUME_MAY_DIFFER`), and a lock keeps a second run out.
 
 With --time_budget_s, training runs for that many seconds (not counting curve
 measurements) and the flagfile's epoch schedule is stretched over them, so that
@@ -23,17 +28,22 @@ import os
 import resource
 import sys
 import time
+import zipfile
 
 import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
 from mixtrain_tf import (attacks, callbacks, data, evaluation, export, networks,
-                         training)
+                         rundir, training)
 
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
 _BUDGET_MAX_EPOCHS = 100_000  # --time_budget_s stops training, not an epoch count
+# Flags that may differ when an unfinished run is resumed: they change where
+# things are read or written, or the final evaluation's batching, not the result.
+RESUME_MAY_DIFFER = ("model_dir", "data_dir", "overwrite", "export",
+                     "eval_batch_size")
 
 
 def define_flags():
@@ -61,6 +71,8 @@ def define_flags():
   flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                     "tf.distribute strategy: one device, MirroredStrategy over this "
                     "machine's GPUs, or MultiWorkerMirroredStrategy from TF_CONFIG.")
+  flags.DEFINE_boolean("overwrite", False, "Replace a finished (or unfinished) run "
+                       "in --model_dir instead of refusing to touch it.")
   flags.DEFINE_integer("max_train_examples", None, "Use only the first N train "
                        "examples (quick runs).")
   flags.DEFINE_integer("max_eval_examples", None, "Use only the first N validation "
@@ -124,6 +136,9 @@ def define_flags():
   flags.register_validator("curve_every", lambda v: v > 0, "--curve_every must be > 0.")
   flags.register_validator("train_epsilon", lambda v: v is None or 0 <= v <= 1,
                            "--train_epsilon must be in [0, 1].")
+  for name in ("max_train_examples", "max_eval_examples"):
+    flags.register_validator(name, lambda v: v is None or v >= 1,
+                             f"--{name} must be >= 1 (or unset for all examples).")
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
       lambda f: f["method"] != "mixtrain" or f["k"] <= f["batch_size"],
@@ -182,21 +197,79 @@ def _strategy(name: str):
   return tf.distribute.get_strategy(), True, "chief"
 
 
-def _load_weights(network: keras.Model, path: str):
-  """Copies the weights of a saved network into `network`; UsageError if they do
-  not fit."""
+def _read_init_weights(f) -> list:
+  """Reads the --init_weights network and checks that it fits --network and
+  --dataset; returns its weights. Raises UsageError."""
+  path = f.init_weights
   if os.path.isdir(path):
     path = os.path.join(path, "network.keras")
   if not os.path.isfile(path):
     raise app.UsageError(f"--init_weights: no network at {path} (give a .keras file "
                          "or a training --model_dir).")
-  source = keras.models.load_model(path)
-  want = [tuple(w.shape) for w in network.weights]
+  try:
+    if not zipfile.is_zipfile(path):
+      raise ValueError("not a zip archive, which a .keras file is")
+    source = keras.models.load_model(path, compile=False)
+  except Exception as e:  # noqa: BLE001  (any reason is reported, in one line)
+    reason = " ".join(str(e).split())[:300] or type(e).__name__
+    raise app.UsageError(f"--init_weights: {path} could not be read as a Keras "
+                         f"model: {reason}. Give a .keras file written by "
+                         "keras (e.g. a training run's network.keras).") from None
+  want_input = data.input_shape(f.dataset)
+  got_input = tuple(source.inputs[0].shape[1:]) if getattr(
+      source, "inputs", None) else None
+  # A throwaway network of --network gives the weight shapes wanted.
+  want = [tuple(w.shape) for w in networks.build(
+      f.network, data.num_classes(f.dataset)).weights]
   got = [tuple(w.shape) for w in source.weights]
   if want != got:
     raise app.UsageError(f"--init_weights: {path} has weights of shapes {got}, "
-                         f"--network={network.name} needs {want}.")
-  network.set_weights(source.get_weights())
+                         f"--network={f.network} needs {want}.")
+  if got_input is not None and got_input != want_input:
+    raise app.UsageError(f"--init_weights: {path} takes inputs of shape {got_input}, "
+                         f"--dataset={f.dataset} has images of shape {want_input}; "
+                         "give a network trained on that dataset.")
+  return source.get_weights()
+
+
+def _check_paths(f):
+  """Checks --model_dir and the data directory before any work; UsageError."""
+  problem = rundir.directory_problem(f.model_dir)
+  if problem:
+    raise app.UsageError(f"--model_dir: {problem}; give a writable directory.")
+  data_dir = f.data_dir or os.fspath(data.default_data_dir(f.dataset))
+  if not os.path.isdir(data_dir):
+    variable = "TINY_IMAGENET_DIR" if f.dataset == "imagenet200" else "TFDS_DATA_DIR"
+    source = "--data_dir" if f.data_dir else f"the default ({variable} or ../shared)"
+    raise app.UsageError(f"--data_dir: {data_dir} (from {source}) is not a "
+                         f"directory; pass --data_dir or set {variable} to the "
+                         f"folder that holds {f.dataset}.")
+
+
+def _check_run_dir(f, out_dir: str, chief: bool):
+  """Refuses a finished run or an unfinished one with other flags (RunDirError),
+  or clears it for --overwrite. Call while holding the directory's lock."""
+  shown = f"--model_dir={f.model_dir}" + ("" if chief else f" ({out_dir})")
+  # Workers also look at the chief's directory (shared in a multi-worker run).
+  done = rundir.finished(out_dir) or rundir.finished(f.model_dir)
+  if f.overwrite:
+    rundir.clear_outputs(out_dir)
+    return
+  if done:
+    raise rundir.RunDirError(
+        f"{shown} already holds a finished run (metrics.json / network.keras); use a "
+        "new --model_dir, or --overwrite to replace it (or evaluate it with "
+        "python -m mixtrain_tf.evaluate).")
+  flags_txt = os.path.join(out_dir, "flags.txt")
+  if os.path.exists(flags_txt):
+    recorded = rundir.read_flags_file(flags_txt, _FLAG_NAMES)
+    current = {name: f[name].serialize() for name in _FLAG_NAMES}
+    differ = rundir.flag_differences(recorded, current, RESUME_MAY_DIFFER)
+    if differ:
+      raise rundir.RunDirError(
+          f"{shown} holds an unfinished run with other flags: {'; '.join(differ)}. "
+          f"Resume it with its flags (--flagfile={flags_txt}), use a new "
+          "--model_dir, or --overwrite to start over.")
 
 
 class _Curve(keras.callbacks.Callback):
@@ -208,18 +281,27 @@ class _Curve(keras.callbacks.Callback):
   """
 
   def __init__(self, network, dataset, epsilon, methods, every, path,
+               backup: callbacks.ResumableBackup,
                budget: callbacks.TimeBudget | None = None):
     super().__init__()
     self.network, self.dataset, self.epsilon = network, dataset, epsilon
     self.methods, self.every, self.path, self.budget = methods, every, path, budget
+    self.backup = backup  # the run's clock, over a resume too
     self.points: list[dict] = []
     self.eval_seconds = 0.0
 
   def on_train_begin(self, logs=None):
-    self._t0, self._last, self._epoch = time.perf_counter(), 0.0, 0
+    self._last, self._epoch, self.points, self._started = 0.0, 0, [], False
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
+    if not self._started:  # a resumed run keeps the points up to its backup
+      self._started = True
+      if epoch and os.path.exists(self.path):
+        with open(self.path) as fh:
+          self.points = [p for p in json.load(fh) if p["epoch"] <= epoch]
+        if self.points:
+          self._last = self.points[-1]["schedule_epoch"]
 
   def on_train_batch_end(self, batch, logs=None):
     # Under a budget, points are taken every `every` schedule epochs, mid-epoch if
@@ -237,7 +319,7 @@ class _Curve(keras.callbacks.Callback):
   def _point(self, epoch, done):
     self._last = done
     train_seconds = (self.budget.train_seconds() if self.budget else
-                     time.perf_counter() - self._t0 - self.eval_seconds)
+                     self.backup.train_seconds())
     t = time.perf_counter()
     with self.budget.paused() if self.budget else contextlib.nullcontext():
       result = evaluation.evaluate(self.network, self.dataset, self.epsilon,
@@ -251,8 +333,7 @@ class _Curve(keras.callbacks.Callback):
         "alpha": float(self.model.alpha.numpy()),
         "examples": result["examples"], "clean": result["clean"]["accuracy"],
         "verified": {m: v["accuracy"] for m, v in result["verified"].items()}})
-    with open(self.path, "w") as fh:
-      json.dump(self.points, fh, indent=1)
+    rundir.write_json(self.path, self.points)
 
 
 class _EpochSeconds(keras.callbacks.Callback):
@@ -267,7 +348,15 @@ class _EpochSeconds(keras.callbacks.Callback):
 
 
 def run(argv_flags=FLAGS) -> dict:
-  """Trains per the flags; returns the metrics written to metrics.json."""
+  """Trains per the flags; returns the metrics written to metrics.json.
+
+  Raises:
+    app.UsageError: a flag, --model_dir, the data directory or --init_weights
+      cannot work (checked before any work).
+    rundir.RunDirError: --model_dir holds a finished run, an unfinished one with
+      other flags, or is in use by another run.
+    data.DataNotFoundError: the dataset is not in the data directory.
+  """
   f = argv_flags
   pgd = attacks.pgd_settings(f.dataset, f.pgd_steps, f.pgd_step_size)
   # A multi-worker strategy must exist before any other TensorFlow work.
@@ -279,6 +368,36 @@ def run(argv_flags=FLAGS) -> dict:
   if f.method == "mixtrain" and f.k > f.batch_size // replicas:
     raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
                          f"{f.batch_size // replicas} ({replicas} replicas).")
+  _check_paths(f)
+  init_weights = _read_init_weights(f) if f.init_weights else None
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise app.UsageError(f"--model_dir: cannot create {out_dir} ({e.strerror}); "
+                         "give a writable directory.") from None
+  describe = f"--model_dir={f.model_dir}" + ("" if chief else f" ({out_dir})")
+  with rundir.RunLock(out_dir, describe):
+    _check_run_dir(f, out_dir, chief)
+    return _train(f, strategy, chief, task, out_dir, init_weights, pgd)
+
+
+@contextlib.contextmanager
+def _step(metrics: dict, path: str, name: str):
+  """Runs a late step of the run; records it in metrics.json as done or failed
+  (the files already written stay)."""
+  try:
+    yield
+  except BaseException as e:
+    metrics["failed"] = {"step": name, "error": f"{type(e).__name__}: {e}"[:2000]}
+    rundir.write_json(path, metrics)
+    raise
+  metrics["done"].append(name)
+  rundir.write_json(path, metrics)
+
+
+def _train(f, strategy, chief: bool, task: str, out_dir: str,
+           init_weights: list | None, pgd: dict) -> dict:
+  """Trains into out_dir (checked and locked), evaluates and exports."""
   keras.utils.set_random_seed(f.seed)
   augment = f.augment if f.augment is not None else f.dataset in ("cifar10",
                                                                   "imagenet200")
@@ -293,13 +412,12 @@ def run(argv_flags=FLAGS) -> dict:
         tf.data.experimental.AutoShardPolicy.DATA)
     splits = data.Splits(*(None if d is None else d.with_options(options)
                            for d in (splits.train, splits.validation, splits.test)))
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "flags.txt"), "w") as fh:
-    fh.write("".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
+  rundir.write_text(os.path.join(out_dir, "flags.txt"),
+                    "".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
-    if f.init_weights:
-      _load_weights(network, f.init_weights)
+    if init_weights is not None:
+      network.set_weights(init_weights)
     model = training.MixTrainModel(
         network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
         eval_bound=f.eval_bound, seed=f.seed, **pgd)
@@ -333,47 +451,56 @@ def run(argv_flags=FLAGS) -> dict:
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
     cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,
                                       start_epoch=start))
-  cbs += [keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup"),
-                                          double_checkpoint=True)]
   curve = None
+  # It backs up the epoch logs and the training seconds with the weights, so a
+  # resumed run reports the whole run; listed after the callbacks that add to the
+  # epoch logs, and after the curve (whose point of an epoch is then kept on disk
+  # before that epoch's backup).
+  backup = callbacks.ResumableBackup(
+      os.path.join(out_dir, "backup"),
+      paused_seconds=lambda: curve.eval_seconds if curve else 0.0,
+      on_resume=(budget.resume,) if budget else ())
   if f.curve_examples and chief:
     curve = _Curve(network, splits.test.unbatch().take(f.curve_examples).batch(
         f.eval_batch_size or f.batch_size), f.epsilon, tuple(f.final_methods),
-        f.curve_every, os.path.join(out_dir, "curve.json"), budget)
+        f.curve_every, os.path.join(out_dir, "curve.json"), backup, budget)
     cbs.append(curve)
+  cbs.append(backup)
   if chief:
+    # Epoch summaries are written at step = epoch, which a resumed fit() continues.
     cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
-  start_time = time.perf_counter()
-  history = model.fit(splits.train, validation_data=validation, epochs=epochs,
-                      callbacks=cbs, shuffle=False,  # the pipeline shuffles
-                      verbose=1 if sys.stdout.isatty() else 2)
-  train_seconds = time.perf_counter() - start_time - (curve.eval_seconds if curve
-                                                       else 0.0)
+  model.fit(splits.train, validation_data=validation, epochs=epochs,
+            callbacks=cbs, shuffle=False,  # the pipeline shuffles
+            verbose=1 if sys.stdout.isatty() else 2)
+  train_seconds = backup.train_seconds()
   # Peak resident memory of this process so far (training, data, TensorFlow).
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  with open(os.path.join(out_dir, "history.json"), "w") as fh:
-    json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, fh,
-              indent=1)
-  network.save(os.path.join(out_dir, "network.keras"))
+  rundir.write_json(os.path.join(out_dir, "history.json"), backup.history())
+  rundir.save_keras(network, os.path.join(out_dir, "network.keras"))
   if not chief:
     return {"train_seconds": round(train_seconds, 1), "task": task}
-  logging.info("final evaluation on the test split at epsilon %g", f.epsilon)
-  test = splits.test
-  if f.eval_batch_size:
-    test = test.unbatch().batch(f.eval_batch_size)
-  result = evaluation.evaluate(
-      network, test, f.epsilon, methods=tuple(f.final_methods),
-      attack_names=("pgd",) if f.final_pgd else (), verbose=True, **pgd)
+  metrics_path = os.path.join(f.model_dir, "metrics.json")
   metrics = {
-      "test": result, "train_seconds": round(train_seconds, 1),
+      "train_seconds": round(train_seconds, 1),
       "train_peak_rss_mb": round(peak_mb, 1),
-      "epochs": history.epoch[-1] + 1 if history.epoch else f.epochs,
+      "epochs": backup.epochs[-1]["epoch"] + 1 if backup.epochs else f.epochs,
       "flags": {name: f[name].value for name in _FLAG_NAMES},
+      "done": ["training"],
   }
-  with open(os.path.join(f.model_dir, "metrics.json"), "w") as fh:
-    json.dump(metrics, fh, indent=1)
+  rundir.write_json(metrics_path, metrics)  # training's results are kept now
+  with _step(metrics, metrics_path, "evaluation"):
+    logging.info("final evaluation on the test split at epsilon %g", f.epsilon)
+    test = splits.test
+    if f.eval_batch_size:
+      test = test.unbatch().batch(f.eval_batch_size)
+    result = evaluation.evaluate(
+        network, test, f.epsilon, methods=tuple(f.final_methods),
+        attack_names=("pgd",) if f.final_pgd else (), verbose=True, **pgd)
+    metrics["test"] = result
   if f.export:
-    export.export_saved_model(network, os.path.join(f.model_dir, "saved_model"))
+    with _step(metrics, metrics_path, "export"):
+      rundir.replace_dir(lambda path: export.export_saved_model(network, path),
+                         os.path.join(f.model_dir, "saved_model"))
   summary = ", ".join([f"clean {result['clean']['accuracy']:.4f}"]
                       + [f"pgd {v['accuracy']:.4f}" for v in result["attacks"].values()]
                       + [f"verified[{k}] {v['accuracy']:.4f}"
@@ -388,7 +515,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     run()
-  except data.DataNotFoundError as e:
+  except (app.UsageError, rundir.RunDirError, data.DataNotFoundError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -11,7 +11,9 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,23 +53,21 @@ BAD_FLAGS = {
                                  r"--network does not take --dataset's images"),
     "missing_model_dir": ([], r"--model_dir must have a value"),
     "zero_time_budget": (["--time_budget_s=0"], r"--time_budget_s must be > 0"),
+    "zero_max_train_examples": (["--max_train_examples=0"],
+                                r"--max_train_examples must be >= 1"),
+    "zero_max_eval_examples": (["--max_eval_examples=0"],
+                               r"--max_eval_examples must be >= 1"),
 }
 
 
-@pytest.fixture(scope="module")
-def bad_flag_runs(tmp_path_factory):
-  """Starts one CLI process per BAD_FLAGS case, all at once.
+def _run_all(root: pathlib.Path, commands: dict) -> dict:
+  """Runs {case: (CLI flags, model_dir)} as CLI processes, all at once.
 
   Returns {case: (returncode, stdout, stderr, CPU seconds, model_dir)}. CPU time,
   not wall time, says how much work a process did: the machine may be busy.
   """
-  root = tmp_path_factory.mktemp("bad_flags")
   procs = {}
-  for name, (args, _) in BAD_FLAGS.items():
-    model_dir = root / name
-    flag_args = ["--flagfile=flags/mnist_small.cfg", *args]
-    if name != "missing_model_dir":
-      flag_args.append(f"--model_dir={model_dir}")
+  for name, (flag_args, model_dir) in commands.items():
     out, err = open(root / f"{name}.out", "w+"), open(root / f"{name}.err", "w+")
     procs[name] = (subprocess.Popen(_train_command(*flag_args), cwd=REPO_ROOT,
                                     env=_env(), stdout=out, stderr=err, text=True),
@@ -91,6 +91,20 @@ def bad_flag_runs(tmp_path_factory):
   return results
 
 
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+  """One CLI process per BAD_FLAGS case (see `_run_all`)."""
+  root = tmp_path_factory.mktemp("bad_flags")
+  commands = {}
+  for name, (args, _) in BAD_FLAGS.items():
+    model_dir = root / name
+    flag_args = ["--flagfile=flags/mnist_small.cfg", *args]
+    if name != "missing_model_dir":
+      flag_args.append(f"--model_dir={model_dir}")
+    commands[name] = (flag_args, model_dir)
+  return _run_all(root, commands)
+
+
 @pytest.mark.parametrize("name", sorted(BAD_FLAGS))
 def test_bad_flags_fail_fast_with_one_line(name, bad_flag_runs):
   returncode, out, err, cpu_seconds, model_dir = bad_flag_runs[name]
@@ -101,6 +115,89 @@ def test_bad_flags_fail_fast_with_one_line(name, bad_flag_runs):
   assert "Traceback" not in err, err[-3000:]
   assert not model_dir.exists(), "training started: --model_dir was created"
   assert "Epoch" not in out
+  assert cpu_seconds < 30, f"failing took {cpu_seconds:.0f} CPU seconds"
+
+
+# -- bad inputs found before any work -----------------------------------------------
+
+
+def _file(path: pathlib.Path, content: bytes = b"x") -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(content)
+  return path
+
+
+def _finished_run(run: pathlib.Path) -> pathlib.Path:
+  for name in ("metrics.json", "network.keras", "history.json", "flags.txt"):
+    _file(run / name, f"kept {name}".encode())
+  return run
+
+
+def _run_in_progress(run: pathlib.Path) -> pathlib.Path:
+  # This test process is alive on this host: a live lock.
+  _file(run / ".lock", json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "started": "2026-01-01T00:00:00"}).encode())
+  return run
+
+
+# case: (setup(case folder) -> (extra flags, --model_dir), error pattern,
+#        whether --model_dir must stay as it was: absent, or with the same files)
+BAD_INPUTS = {
+    "model_dir_is_a_file": (
+        lambda d: ([], _file(d / "run")), r"--model_dir: .*run is a file"),
+    "model_dir_under_a_file": (
+        lambda d: ([], _file(d / "file") / "run"),
+        r"--model_dir: .*file is a file, so .*run cannot be created"),
+    "missing_data_dir": (
+        lambda d: ([f"--data_dir={d / 'nowhere'}"], d / "run"),
+        r"--data_dir: .*nowhere .*is not a directory; pass --data_dir"),
+    "corrupt_init_weights": (
+        lambda d: ([f"--init_weights={_file(d / 'w.keras', b'not a zip')}"],
+                   d / "run"),
+        r"--init_weights: .*w\.keras could not be read as a Keras model: not a zip"),
+    "finished_run": (
+        lambda d: ([], _finished_run(d / "run")),
+        r"--model_dir=.*run already holds a finished run.*new --model_dir.*"
+        r"--overwrite"),
+    "run_in_progress": (
+        lambda d: ([], _run_in_progress(d / "run")),
+        rf"--model_dir=.*run is in use by another run \(pid {os.getpid()} on host "),
+}
+
+
+def _snapshot(path: pathlib.Path):
+  if path.is_file():
+    return path.read_bytes()
+  if path.is_dir():
+    return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+  return None
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+  """One CLI process per BAD_INPUTS case; also {case: snapshot of --model_dir}."""
+  root = tmp_path_factory.mktemp("bad_inputs")
+  commands, before = {}, {}
+  for name, (setup, _) in BAD_INPUTS.items():
+    args, model_dir = setup(root / name)
+    before[name] = _snapshot(model_dir)
+    # TINY: code that misses the problem trains for seconds, not an hour.
+    commands[name] = (["--flagfile=flags/mnist_small.cfg", *TINY, *args,
+                       f"--model_dir={model_dir}"], model_dir)
+  return _run_all(root, commands), before
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_inputs_fail_before_any_work_with_one_line(name, bad_input_runs):
+  runs, before = bad_input_runs
+  returncode, out, err, cpu_seconds, model_dir = runs[name]
+  assert returncode != 0
+  error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1, err[-3000:]
+  assert re.search(BAD_INPUTS[name][1], error_lines[0]), error_lines[0]
+  assert "Traceback" not in err and "flags:" not in err, err[-3000:]
+  assert "Epoch" not in out
+  assert _snapshot(model_dir) == before[name], "--model_dir was changed"
   assert cpu_seconds < 30, f"failing took {cpu_seconds:.0f} CPU seconds"
 
 
@@ -230,28 +327,33 @@ def test_flagfile_smoke_run(case, parse_flags, tmp_path):
 
 # -- resume after a kill -------------------------------------------------------------
 
+RESUME_FLAGS = [
+    "--flagfile=flags/mnist_small.cfg", "--epochs=3", "--batch_size=10",
+    "--max_train_examples=200", "--validation_size=10", "--max_eval_examples=4",
+    "--eval_batch_size=4", "--final_methods=interval", "--pgd_steps=2",
+    "--eps_ramp_epochs=2", "--curve_examples=2", "--export=false"]
 
-def test_killed_run_resumes_from_its_backup(tmp_path):
-  """SIGKILL after the first epoch's backup; the same command finishes the run."""
-  model_dir = tmp_path / "run"
-  command = _train_command(
-      "--flagfile=flags/mnist_small.cfg", "--epochs=3", "--batch_size=10",
-      "--max_train_examples=200", "--validation_size=10", "--max_eval_examples=4",
-      "--eval_batch_size=4", "--final_methods=interval", "--pgd_steps=2",
-      "--eps_ramp_epochs=2", f"--model_dir={model_dir}")
-  metadata = model_dir / "backup" / "training_metadata.json"
 
-  def backed_up_epochs() -> int | None:
-    try:
-      return json.loads(metadata.read_text())["epoch"]
-    except (OSError, ValueError, KeyError):
-      return None
+def _backed_up_epochs(model_dir: pathlib.Path) -> int | None:
+  try:
+    return json.loads((model_dir / "backup" / "training_metadata.json").read_text())[
+        "epoch"]
+  except (OSError, ValueError, KeyError):
+    return None
 
-  proc = subprocess.Popen(command, cwd=REPO_ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory):
+  """A run SIGKILLed after its first epoch's backup: (model_dir, epochs backed up).
+
+  Tests copy the folder before using it.
+  """
+  model_dir = tmp_path_factory.mktemp("killed") / "run"
+  proc = subprocess.Popen(_train_command(*RESUME_FLAGS, f"--model_dir={model_dir}"),
+                          cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 240
-  while backed_up_epochs() is None:
+  while _backed_up_epochs(model_dir) is None:
     if proc.poll() is not None:
       pytest.fail("the run ended before its first backup: "
                   + proc.stderr.read()[-3000:])
@@ -261,20 +363,220 @@ def test_killed_run_resumes_from_its_backup(tmp_path):
   proc.wait(timeout=30)
   proc.stderr.close()
   assert proc.returncode == -signal.SIGKILL
-  done = backed_up_epochs()
+  done = _backed_up_epochs(model_dir)
   assert done is not None and 1 <= done < 3, f"backup after {done} epochs"
   assert not (model_dir / "metrics.json").exists()
+  return model_dir, done
 
-  rerun = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=300, check=False)
+
+def _copy_run(source: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+  target = tmp_path / "run"
+  shutil.copytree(source, target)
+  return target
+
+
+def _epoch_steps(event_file: pathlib.Path, tag: str = "epoch_loss") -> list[int]:
+  steps = []
+  try:
+    for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  except tf.errors.DataLossError:  # the killed run's file may end mid-record
+    pass
+  return steps
+
+
+def test_killed_run_resumes_from_its_backup(killed_run, tmp_path):
+  """The same command finishes a SIGKILLed run; history, train seconds, the curve
+  and TensorBoard's epoch steps cover the whole run, not only its resumed part."""
+  model_dir = _copy_run(killed_run[0], tmp_path)
+  done = killed_run[1]
+  before = json.loads((model_dir / "backup" / "progress.json").read_text())[:done]
+  assert (model_dir / ".lock").exists(), "the killed run left no (stale) lock"
+  old_events = set((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+
+  rerun = subprocess.run(_train_command(*RESUME_FLAGS, f"--model_dir={model_dir}"),
+                         cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300, check=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
+  # It resumed (Keras prints the epochs it runs) rather than starting over.
+  assert "Epoch 1/3" not in rerun.stdout and "Epoch 3/3" in rerun.stdout, (
+      rerun.stdout[-3000:])
   metrics = json.loads((model_dir / "metrics.json").read_text())
   assert metrics["epochs"] == 3
+  assert metrics["done"] == ["training", "evaluation"]
   history = json.loads((model_dir / "history.json").read_text())
-  assert history and all(len(v) == 3 - done for v in history.values()), (
-      f"history has {len(history['loss'])} epochs, expected {3 - done}: "
-      "the rerun started over instead of resuming")
+  assert history and all(len(v) == 3 for v in history.values()), (
+      f"history has {len(history['loss'])} epochs, expected all 3")
+  for epoch in before:  # the epochs before the kill are the killed run's
+    for key, value in epoch["logs"].items():
+      assert history[key][epoch["epoch"]] == pytest.approx(value), key
+  assert metrics["train_seconds"] >= round(before[-1]["train_seconds"], 1)
+  curve = json.loads((model_dir / "curve.json").read_text())
+  assert [p["epoch"] for p in curve] == [1, 2, 3]
+  seconds = [p["train_seconds"] for p in curve]
+  assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 1
+  new_events = set((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+  [resumed_events] = new_events - old_events
+  assert _epoch_steps(resumed_events) == list(range(done, 3)), (
+      "TensorBoard's epoch steps restarted instead of continuing")
   assert not (model_dir / "backup").exists()
+  assert not (model_dir / ".lock").exists(), "the lock outlived the run"
+
+
+def test_resume_with_other_flags_is_refused_and_names_them(killed_run, tmp_path):
+  model_dir = _copy_run(killed_run[0], tmp_path)
+  flags_txt = (model_dir / "flags.txt").read_text()
+  rerun = subprocess.run(
+      _train_command(*RESUME_FLAGS, "--epochs=4", "--learning_rate=0.01",
+                     "--eval_batch_size=2", f"--model_dir={model_dir}"),
+      cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+      check=False)
+  assert rerun.returncode != 0
+  error_lines = [line for line in rerun.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, rerun.stderr[-3000:]
+  assert "holds an unfinished run with other flags" in error_lines[0]
+  assert "--epochs=3 (now --epochs=4)" in error_lines[0]
+  assert "--learning_rate=0.001 (now --learning_rate=0.01)" in error_lines[0]
+  # --eval_batch_size and --model_dir may differ (train.RESUME_MAY_DIFFER).
+  assert "eval_batch_size" not in error_lines[0]
+  assert "model_dir=" not in error_lines[0].split("other flags:")[1]
+  assert "Traceback" not in rerun.stderr and "Epoch" not in rerun.stdout
+  assert (model_dir / "flags.txt").read_text() == flags_txt
+  assert _backed_up_epochs(model_dir) == killed_run[1]
+
+
+# -- one run per directory, finished runs kept ------------------------------------
+
+
+def test_second_run_on_the_same_model_dir_stops_with_one_line(tmp_path):
+  """While a run trains, a second one on its --model_dir stops at once."""
+  model_dir = tmp_path / "run"
+  first = subprocess.Popen(
+      _train_command("--flagfile=flags/mnist_small.cfg", *TINY, "--epochs=10000",
+                     f"--model_dir={model_dir}"),
+      cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+  try:
+    deadline = time.monotonic() + 240
+    while not (model_dir / "flags.txt").exists():  # written under the lock
+      if first.poll() is not None:
+        pytest.fail("the first run ended early: " + first.stderr.read()[-3000:])
+      assert time.monotonic() < deadline, "the first run did not start in 240 s"
+      time.sleep(0.05)
+    lock = json.loads((model_dir / ".lock").read_text())
+    assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+    second = subprocess.run(
+        _train_command("--flagfile=flags/mnist_small.cfg", *TINY,
+                       f"--model_dir={model_dir}"),
+        cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        check=False)
+    assert first.poll() is None, "the first run was disturbed"
+  finally:
+    first.kill()
+    first.wait(timeout=30)
+    first.stderr.close()
+  assert second.returncode != 0
+  error_lines = [line for line in second.stderr.splitlines()
+                 if line.startswith("error:")]
+  assert len(error_lines) == 1, second.stderr[-3000:]
+  assert f"is in use by another run (pid {first.pid} on host" in error_lines[0]
+  assert "Traceback" not in second.stderr and "Epoch" not in second.stdout
+
+
+def _outputs(model_dir: pathlib.Path) -> dict:
+  return {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+
+
+def test_finished_run_is_never_overwritten_unless_asked(parse_flags, tmp_path):
+  from mixtrain_tf import rundir
+  model_dir = tmp_path / "run"
+  first = ["--flagfile=flags/mnist_small.cfg", *TINY, "--export=false",
+           f"--model_dir={model_dir}"]
+  train.run(parse_flags(*first))
+  kept = _outputs(model_dir)
+  assert {"metrics.json", "history.json", "flags.txt", "network.keras"} <= set(kept)
+  for again in [first, [*first, "--epochs=2"]]:  # same or other flags
+    with pytest.raises(rundir.RunDirError,
+                       match=r"already holds a finished run.*--overwrite"):
+      train.run(parse_flags(*again))
+    assert _outputs(model_dir) == kept
+  metrics = train.run(parse_flags(*first, "--epochs=2", "--overwrite"))
+  assert metrics["epochs"] == 2
+  assert json.loads((model_dir / "metrics.json").read_text())["epochs"] == 2
+  assert "--epochs=2" in (model_dir / "flags.txt").read_text()
+  assert not [p.name for p in model_dir.iterdir() if p.name.startswith(".")], (
+      "temporary or lock files were left behind")
+
+
+def test_read_only_model_dir_fails_before_any_work(parse_flags, tmp_path,
+                                                   monkeypatch):
+  from absl import app
+  from mixtrain_tf import rundir
+  model_dir = tmp_path / "ro" / "run"
+  (tmp_path / "ro").mkdir()
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", *TINY,
+                  f"--model_dir={model_dir}")
+  if os.geteuid() != 0:  # root may write to read-only folders
+    (tmp_path / "ro").chmod(0o555)
+  else:  # what os.access says for a read-only file system, even to root
+    real_access = os.access
+    monkeypatch.setattr(rundir.os, "access", lambda p, mode: (
+        real_access(p, mode) and not str(p).startswith(str(tmp_path / "ro"))))
+  try:
+    with pytest.raises(app.UsageError,
+                       match=r"--model_dir: .*run cannot be created: .*ro is not "
+                       r"writable \(read-only\)"):
+      train.run(f)
+  finally:
+    (tmp_path / "ro").chmod(0o755)
+  assert not model_dir.exists()
+
+
+# -- late failures keep what was done ----------------------------------------------
+
+
+def test_failed_export_keeps_the_trained_and_evaluated_run(parse_flags, tmp_path,
+                                                           monkeypatch):
+  def broken_export(network, path):
+    os.makedirs(path)
+    (pathlib.Path(path) / "half_written").write_text("x")
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(train.export, "export_saved_model", broken_export)
+  model_dir = tmp_path / "run"
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", *TINY, f"--model_dir={model_dir}")
+  with pytest.raises(OSError, match="No space left"):
+    train.run(f)
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["done"] == ["training", "evaluation"]
+  assert metrics["failed"] == {"step": "export",
+                               "error": "OSError: No space left on device"}
+  assert metrics["test"]["examples"] == 4 and metrics["epochs"] == 1
+  keras.models.load_model(model_dir / "network.keras")
+  assert json.loads((model_dir / "history.json").read_text())["loss"]
+  assert not (model_dir / "saved_model").exists()
+  assert sorted(p.name for p in model_dir.iterdir()) == [
+      "flags.txt", "history.json", "logs", "metrics.json", "network.keras"], (
+          "a half-written export or the lock was left behind")
+
+
+def test_failed_final_evaluation_keeps_the_trained_run(parse_flags, tmp_path,
+                                                       monkeypatch):
+  def broken_evaluate(*args, **kwargs):
+    raise MemoryError("out of memory")
+
+  monkeypatch.setattr(train.evaluation, "evaluate", broken_evaluate)
+  model_dir = tmp_path / "run"
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", *TINY, f"--model_dir={model_dir}")
+  with pytest.raises(MemoryError):
+    train.run(f)
+  metrics = json.loads((model_dir / "metrics.json").read_text())
+  assert metrics["done"] == ["training"]
+  assert metrics["failed"]["step"] == "evaluation"
+  assert "test" not in metrics and metrics["train_seconds"] > 0
+  keras.models.load_model(model_dir / "network.keras")
+  assert not (model_dir / "saved_model").exists()
 
 
 # -- time budget and learning curve ---------------------------------------------------
