@@ -79,7 +79,13 @@ class _Target:
 class Plan:
   """Per-node strategy of the symbolic engine for one graph (built once, eagerly)."""
 
-  def __init__(self, graph: BoundGraph):
+  #: Planner modes a test can force instead of choosing by cost.
+  FORCE = ("forward", "backward", "forward_no_direct", "forward_no_colour")
+
+  def __init__(self, graph: BoundGraph, force: str | None = None):
+    if force is not None and force not in self.FORCE:
+      raise ValueError(f"force must be one of {self.FORCE}, got {force!r}.")
+    self.force = force
     self.graph = graph
     nodes = graph.nodes
     self.sources = [0] + [i for i, n in enumerate(nodes)
@@ -126,11 +132,13 @@ class Plan:
       affine = [nodes[i].op for i in chain]
       if (all(isinstance(op, ops.AffineOp) and len(nodes[i].inputs) == 1
               for i, op in zip(chain, affine))
-          and sum(op.mixing for op in affine) <= 1):
+          and sum(op.mixing for op in affine) <= 1
+          and self.force != "forward_no_direct"):
         sources.append(_Source(s, "direct", tuple(chain)))
         continue
       s_shape = nodes[s].op.out_shape
-      period = self._period(s, z, chain) if len(s_shape) == 3 else None
+      period = (self._period(s, z, chain)
+                if len(s_shape) == 3 and self.force != "forward_no_colour" else None)
       src = _Source(s, "forward", tuple(chain), s_shape, period)
       sources.append(src)
       fwd_cost += src.colours * self._flops(chain)
@@ -138,7 +146,8 @@ class Plan:
     rows = self._size(z)
     bwd_cost = rows * self._flops(self.ancestors[z])
     bwd_values = rows * self._max_values(self.ancestors[z])
-    if fwd_cost <= bwd_cost:
+    forward = (self.force != "backward" if self.force else fwd_cost <= bwd_cost)
+    if forward:
       return _Target(z, "forward", sources, fwd_cost, fwd_values)
     return _Target(z, "backward", [], bwd_cost, bwd_values)
 
