@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mixtrain_tf import interval, ops, symbolic
+from mixtrain_tf import crown, interval, ops, symbolic
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import BoundGraph, bound_graph
 
@@ -17,6 +17,9 @@ class BoundMethod(str, enum.Enum):
   """Bound methods; the plain strings ("interval", "symbolic") are accepted too."""
   INTERVAL = "interval"
   SYMBOLIC = "symbolic"
+  CROWN = "crown"
+  CROWN_IBP = "crown_ibp"
+  ALPHA_CROWN = "alpha_crown"
 
   @classmethod
   def _missing_(cls, value):
@@ -37,13 +40,18 @@ def _plan(graph: BoundGraph) -> symbolic.Plan:
 def per_sample_bytes(model: keras.Model, method: str = "symbolic") -> int:
   """Estimated peak memory of bounding one example (forward, no gradients)."""
   graph = bound_graph(model)
+  method = BoundMethod(method).value
+  sizes = [int(np.prod(n.op.out_shape)) for n in graph.nodes]
+  # Every node's interval bounds are kept (interval, and the CROWN family's
+  # intersection), plus centre/radius temporaries of the widest layer (float32).
+  intervals = 4 * (2 * sum(sizes) + 4 * max(sizes))
   if method == "interval":
-    # Every node's lower and upper are kept, plus centre/radius temporaries of the
-    # widest layer and the margin rows folded into the last layer (float32).
-    sizes = [int(np.prod(n.op.out_shape)) for n in graph.nodes]
     last_in = sizes[graph.nodes[-1].inputs[0]] if len(sizes) > 1 else 0
-    return 4 * (2 * sum(sizes) + 4 * max(sizes) + 3 * sizes[-1] * last_in)
-  return int(symbolic._BYTES_PER_VALUE * _plan(graph).values_per_sample)
+    return intervals + 4 * 3 * sizes[-1] * last_in  # the folded margin rows
+  if method == "symbolic":
+    return int(symbolic._BYTES_PER_VALUE * _plan(graph).values_per_sample)
+  values = crown.per_sample_values(graph, method, graph.num_outputs)
+  return intervals + int(symbolic._BYTES_PER_VALUE * values)
 
 
 #: Slack for x outside [clip_min, clip_max]: float32 round-off, relative to the domain.
@@ -192,7 +200,8 @@ def margin_spec(y: tf.Tensor, num_classes: int) -> tf.Tensor:
 
 
 def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
-                 clip_min: float = 0.0, clip_max: float = 1.0) -> tf.Tensor:
+                 clip_min: float = 0.0, clip_max: float = 1.0,
+                 alpha_steps: int | None = None) -> tf.Tensor:
   """Upper bounds of z_j - z_y over the checked, clipped ball: [batch, classes].
 
   The building block of training, evaluation and the SavedModel's `margins`
@@ -200,17 +209,19 @@ def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
   """
   lower, upper = input_box(x, epsilon, clip_min, clip_max)
   n_out = int(np.prod(bound_graph(model).output_shape))
-  return bound_box(model, lower, upper, method, spec=margin_spec(y, n_out)).upper
+  return bound_box(model, lower, upper, method, spec=margin_spec(y, n_out),
+                   alpha_steps=alpha_steps).upper
 
 
 @tf.autograph.experimental.do_not_convert
 def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
-              method: str = "symbolic", spec: tf.Tensor | None = None
-              ) -> IntervalBounds | SymbolicBounds:
+              method: str = "symbolic", spec: tf.Tensor | None = None,
+              alpha_steps: int | None = None) -> IntervalBounds | SymbolicBounds:
   """Bounds of the output (or spec @ output) over the box [lower, upper].
 
   No input checks and no chunking: the building block for training steps
-  (works inside `tf.function`). `spec` is [batch, m, num_outputs]. The engines
+  (works inside `tf.function`). `spec` is [batch, m, num_outputs]. `alpha_steps`:
+  optimisation steps of alpha_crown (default `crown.DEFAULT_ALPHA_STEPS`). The engines
   have no tensor-dependent Python control flow, so AutoGraph is kept out: it once
   failed converting the bound graph's construction on first use in a trace.
   """
@@ -228,8 +239,10 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
   spec = None if spec is None else padded(spec)
   if method == BoundMethod.INTERVAL:
     out = interval.bounds(graph, lower, upper, spec)
-  else:
+  elif method == BoundMethod.SYMBOLIC:
     out = symbolic.bounds(graph, _plan(graph), lower, upper, spec)
+  else:
+    out = crown.bounds(graph, lower, upper, spec, method, alpha_steps)
   return _map_tensors(lambda t: t[:n], out)
 
 
@@ -291,7 +304,8 @@ def _chunked(fn, model, method, memory_budget_mb, *tensors):
 
 def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
                    clip_min: float = 0.0, clip_max: float = 1.0,
-                   memory_budget_mb: int | None = None
+                   memory_budget_mb: int | None = None,
+                   alpha_steps: int | None = None
                    ) -> tuple[tf.Tensor, tf.Tensor]:
   """Lower and upper bounds of the logits over the clipped L-inf ball.
 
@@ -299,7 +313,7 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
     model: a built Keras model of supported layers (see `graph.supported_layers()`).
     x: [batch, *input_shape] float images in [clip_min, clip_max].
     epsilon: radius of the L-inf ball, in input (pixel) units.
-    method: "interval" or "symbolic".
+    method: "interval", "symbolic", "crown", "crown_ibp" or "alpha_crown".
     clip_min, clip_max: the valid input domain; the ball is clipped to it.
     memory_budget_mb: peak memory per call; large batches are processed in chunks.
 
@@ -310,7 +324,7 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
 
   def run(xc, ec):
     lo, hi = input_box(xc, ec, clip_min, clip_max)
-    b = bound_box(model, lo, hi, method).concretize()
+    b = bound_box(model, lo, hi, method, alpha_steps=alpha_steps).concretize()
     return ops.flat(b.lower), ops.flat(b.upper)
 
   return _chunked(run, model, method, memory_budget_mb, x,
@@ -319,13 +333,15 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
 
 def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbolic",
                         clip_min: float = 0.0, clip_max: float = 1.0,
-                        memory_budget_mb: int | None = None) -> tf.Tensor:
+                        memory_budget_mb: int | None = None,
+                        alpha_steps: int | None = None) -> tf.Tensor:
   """Upper bounds of z_j - z_y over the ball, [batch, classes] (0 at j = y)."""
   _, x = _check(model, x, method, y=y, clip=(clip_min, clip_max))
   y = tf.convert_to_tensor(y)
 
   def run(xc, yc, ec):
-    return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max),)
+    return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max,
+                         alpha_steps),)
 
   return _chunked(run, model, method, memory_budget_mb, x, y,
                   _per_example(epsilon, x, clip_min, clip_max))[0]
@@ -333,10 +349,11 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
 
 def verified(model: keras.Model, x, y, epsilon, method: str = "symbolic",
              clip_min: float = 0.0, clip_max: float = 1.0,
-             memory_budget_mb: int | None = None) -> tf.Tensor:
+             memory_budget_mb: int | None = None,
+             alpha_steps: int | None = None) -> tf.Tensor:
   """True where the bound proves no point of the ball changes the label y."""
   ub = margin_upper_bounds(model, x, y, epsilon, method, clip_min, clip_max,
-                           memory_budget_mb)
+                           memory_budget_mb, alpha_steps)
   return is_verified(ub, tf.convert_to_tensor(y))
 
 

@@ -28,7 +28,8 @@ class BoundLayer(keras.layers.Layer):
   Called as `layer(images, epsilon)` it returns {"lower", "upper"}: bounds of the
   (flattened) outputs, [batch, n]. Called as `layer(images, epsilon, labels)` it
   returns {"margin_upper"}: upper bounds of z_j - z_y, [batch, n] (0 at j = y); a
-  point is verified iff every other entry is < 0. `epsilon` is a scalar or one
+  point is verified iff every other entry is < 0. `method` is any of
+  `api.BoundMethod`; `alpha_steps` sets alpha_crown's optimisation steps. `epsilon` is a scalar or one
   radius per example. With `return_equation=True` (symbolic method, no labels) the
   output's symbolic equation is added (see `bounds.SymbolicBounds`): "center"
   [batch, n], "input_coeffs" [batch, n, *input_shape] and "relax_coeffs_<i>"
@@ -42,7 +43,8 @@ class BoundLayer(keras.layers.Layer):
 
   def __init__(self, network: keras.Model, method: str = "symbolic",
                clip_min: float = 0.0, clip_max: float = 1.0,
-               return_equation: bool = False, **kwargs):
+               return_equation: bool = False, alpha_steps: int | None = None,
+               **kwargs):
     kwargs["dtype"] = "float32"
     kwargs["autocast"] = False
     super().__init__(**kwargs)
@@ -55,6 +57,7 @@ class BoundLayer(keras.layers.Layer):
     self.network = network
     self.method = method
     self.return_equation = bool(return_equation)
+    self.alpha_steps = None if alpha_steps is None else int(alpha_steps)
 
   def __call__(self, images, epsilon, labels=None, **kwargs):
     # Keras takes only tensors positionally: a Python or numpy radius becomes one.
@@ -69,9 +72,10 @@ class BoundLayer(keras.layers.Layer):
     if labels is not None:
       return {"margin_upper": api.ball_margins(
           self.network, images, labels, epsilon, self.method, self.clip_min,
-          self.clip_max)}
+          self.clip_max, self.alpha_steps)}
     lower, upper = api.input_box(images, epsilon, self.clip_min, self.clip_max)
-    b = api.bound_box(self.network, lower, upper, self.method)
+    b = api.bound_box(self.network, lower, upper, self.method,
+                      alpha_steps=self.alpha_steps)
     c = b.concretize()
     out = {"lower": ops.flat(c.lower), "upper": ops.flat(c.upper)}
     if self.return_equation:
@@ -100,7 +104,8 @@ class BoundLayer(keras.layers.Layer):
     return {**super().get_config(),
             "network": keras.saving.serialize_keras_object(self.network),
             "method": self.method, "clip_min": self.clip_min,
-            "clip_max": self.clip_max, "return_equation": self.return_equation}
+            "clip_max": self.clip_max, "return_equation": self.return_equation,
+            "alpha_steps": self.alpha_steps}
 
   @classmethod
   def from_config(cls, config):

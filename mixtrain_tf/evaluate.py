@@ -45,8 +45,12 @@ def define_flags():
   flags.mark_flag_as_required("model")
   flags.register_validator("epsilon", lambda v: 0 <= v <= 1,
                            "--epsilon must be in [0, 1] (pixel units).")
-  flags.register_validator("methods", lambda v: set(v) <= {"interval", "symbolic"},
-                           "--methods takes interval and/or symbolic.")
+  flags.DEFINE_integer("alpha_steps", None, "Optimisation steps of alpha_crown "
+                       "(default: mixtrain_tf.crown.DEFAULT_ALPHA_STEPS).")
+  flags.register_validator("methods", lambda v: set(v) <= set(api.METHODS),
+                           f"--methods takes {', '.join(api.METHODS)}.")
+  flags.register_validator("alpha_steps", lambda v: v is None or v >= 0,
+                           "--alpha_steps must be >= 0.")
   flags.register_validator("attacks", lambda v: set(v) <= set(evaluation.ATTACKS),
                            f"--attacks takes {', '.join(evaluation.ATTACKS)}.")
   flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1.")
@@ -127,7 +131,8 @@ def run() -> dict:
   test = data.load(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
                    batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
   network, predict_fn, margins_fn = load_model(FLAGS.model)
-  if network is None and ("interval" in FLAGS.methods or "interval" in FLAGS.attacks):
+  if network is None and (set(FLAGS.methods) - {"symbolic"}
+                          or "interval" in FLAGS.attacks):
     raise EvaluateError("a SavedModel supports --methods=symbolic and "
                         "--attacks=pgd only; pass network.keras for the rest.")
   want = tuple(data.input_shape(FLAGS.dataset))
@@ -151,7 +156,7 @@ def run() -> dict:
         **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
         pgd_restarts=FLAGS.restarts,
         num_examples=FLAGS.num_examples, predict_fn=predict_fn,
-        margins_fn=margins_fn)
+        margins_fn=margins_fn, alpha_steps=FLAGS.alpha_steps)
   except evaluation.EvaluationError as e:  # keep what was measured
     _write(FLAGS.output, {**e.partial_result, **header})
     where = f"; the partial results are in {FLAGS.output}" if FLAGS.output else ""

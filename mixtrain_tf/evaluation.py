@@ -31,7 +31,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
              pgd_step_size: float = 0.01, pgd_restarts: int = 1,
              num_examples: int | None = None, verbose: bool = True,
              predict_fn: Callable | None = None,
-             margins_fn: Callable | None = None, seed: int = 0) -> dict:
+             margins_fn: Callable | None = None, seed: int = 0,
+             alpha_steps: int | None = None) -> dict:
   """Clean accuracy, accuracy under each attack and verified accuracy per method.
 
   Args:
@@ -39,7 +40,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
       `predict_fn` and `margins_fn` are given (e.g. a SavedModel's signatures).
     dataset: batches of (images in [0, 1], labels).
     epsilon: L-inf radius.
-    methods: bound methods for verified accuracy.
+    methods: bound methods for verified accuracy (`api.METHODS`).
     attack_names: attacks for attacked accuracy: "pgd" and/or "interval"
       (docs/method.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
       pgd_restarts.
@@ -57,7 +58,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
   predict, attack_fns, margin_fns = _functions(
       network, epsilon, methods, attack_names, predict_fn, margins_fn,
       dict(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
-           seed=tf.constant([seed, 0], tf.int32)))
+           seed=tf.constant([seed, 0], tf.int32)), alpha_steps)
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
   seconds = dict.fromkeys(counts, 0.0)
@@ -81,7 +82,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
 
 
 def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
-               pgd: dict):
+               pgd: dict, alpha_steps: int | None):
   """The compiled prediction, attack and margin functions of one evaluation."""
   predict = predict_fn or tf.function(lambda x: network(x, training=False))
   attack_fns = {
@@ -94,7 +95,8 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
   }
   attack_fns = {a: attack_fns[a]() for a in attack_names}
   if margins_fn is None:
-    layers = {m: bound_layer.BoundLayer(network, m) for m in methods}
+    layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
+              for m in methods}
     margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
         "margin_upper"]) for m in methods}
   else:

@@ -278,6 +278,7 @@ class BoundGraph:
         self.self_check()
     self.output_shape = self.nodes[-1].op.out_shape
     self.num_outputs = int(np.prod(self.output_shape))
+    self.output = len(self.nodes) - 1  # index of the output node
 
   # -- building -------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def test_evaluate_cli_writes_all_fields(trained, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--epsilon=-1"], "--epsilon must be in [0, 1]"),
-    (["--methods=crown"], "--methods takes interval and/or symbolic"),
+    (["--methods=deeppoly"], "--methods takes interval, symbolic, crown"),
     (["--attacks=fgsm"], "--attacks takes pgd, interval"),
     ([], "--model"),
 ])

@@ -1,0 +1,229 @@
+"""CROWN-family bounds: backward linear relaxation (docs/method.md 2.4).
+
+For a specification rows c (e.g. margin rows e_j - e_y) the upper bound of
+c . f(x) over the box is found by pulling c back through the network: affine
+layers transpose it, and each ReLU y = max(x, 0) with pre-activation bounds
+l <= x <= u is replaced by linear lines,
+
+* upper line (for positive coefficients): y <= s (x - l), s = u / (u - l);
+* lower line (for negative coefficients): y >= a x, any a in [0, 1];
+
+(for l >= 0 both lines are y = x, for u <= 0 both are y = 0). At the input the
+remaining linear function is maximised over the box exactly. Every choice of a is
+sound, so the result is sound whatever the slopes.
+
+* `crown`: a = 1 where u > -l, else 0 (CROWN's adaptive lower line), and the
+  pre-activation bounds of every ReLU are themselves computed by this backward pass
+  (intersected with interval bounds, which is still sound).
+* `crown_ibp`: the same backward pass for the output, with interval bounds for
+  every ReLU (CROWN-IBP, cheap enough for training).
+* `alpha_crown`: CROWN's intermediate bounds, then the lower slopes of the output
+  pass are optimised per example and per specification row by projected Adam
+  steps to tighten the bound; the tightest bound met at any step is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from mixtrain_tf import interval, ops
+from mixtrain_tf.bounds import IntervalBounds
+from mixtrain_tf.graph import BoundGraph
+
+METHODS = ("crown", "crown_ibp", "alpha_crown")
+#: alpha-CROWN's optimisation: Adam steps and learning rate (slopes live in [0, 1]).
+DEFAULT_ALPHA_STEPS = 20
+ALPHA_LEARNING_RATE = 0.1
+
+
+def _relaxation(pre: IntervalBounds):
+  """Upper slope s, upper intercept, CROWN's lower slope a, unstable mask."""
+  lo, up = pre.lower, pre.upper
+  active = lo >= 0.0
+  unstable = tf.logical_and(lo < 0.0, up > 0.0)
+  denom = tf.where(unstable, up - lo, tf.ones_like(up))
+  s = tf.where(active, tf.ones_like(up), tf.where(unstable, up / denom,
+                                                  tf.zeros_like(up)))
+  intercept = tf.where(unstable, -s * lo, tf.zeros_like(up))
+  a = tf.where(active, tf.ones_like(up),
+               tf.where(tf.logical_and(unstable, up > -lo), tf.ones_like(up),
+                        tf.zeros_like(up)))
+  return s, intercept, a, unstable
+
+
+def _bias_dot(rows: tf.Tensor, op: ops.AffineOp) -> tf.Tensor | float:
+  """rows [B, m, *out_shape] . bias -> [B, m] (0 without bias)."""
+  b = op.bias()
+  if b is None:
+    return 0.0
+  flat_b = tf.reshape(tf.broadcast_to(tf.cast(b, tf.float32),
+                                      (1,) + tuple(op.out_shape)), [-1])
+  return tf.einsum("bmk,k->bm", ops.flat(rows, 2), flat_b)
+
+
+def backward_upper(graph: BoundGraph, z: int, rows: tf.Tensor, pre: dict,
+                   box: IntervalBounds, slopes: dict | None = None) -> tf.Tensor:
+  """Upper bound of rows . node_z over the box: rows [B, m, *shape_z] -> [B, m].
+
+  `pre[j]` holds interval bounds of the input j of every ReLU between the input and
+  z; `slopes[i]` optionally replaces CROWN's lower slope at ReLU node i
+  ([B, m, *shape], used where the neuron is unstable).
+  """
+  nodes = graph.nodes
+  adj = {z: rows}
+  const = 0.0
+  for i in sorted(graph.ancestors(z) - {0}, reverse=True):
+    a = adj.pop(i, None)
+    if a is None:
+      continue
+    node = nodes[i]
+    op = node.op
+    if isinstance(op, ops.ReluOp):
+      s, intercept, lower_slope, unstable = _relaxation(pre[node.inputs[0]])
+      pos = tf.nn.relu(a)
+      neg = a - pos
+      lower_slope = lower_slope[:, None]
+      if slopes is not None and i in slopes:
+        lower_slope = tf.where(unstable[:, None], slopes[i], lower_slope)
+      const += ops.rowdot(pos, intercept)
+      pulled = [pos * s[:, None] + neg * lower_slope]
+    elif isinstance(op, ops.AddOp):
+      pulled = [a] * len(node.inputs)
+    else:
+      const += _bias_dot(a, op)
+      pulled = [op.transpose(a)]
+    for j, p in zip(node.inputs, pulled):
+      adj[j] = adj[j] + p if j in adj else p
+  a0 = adj[0]
+  return const + ops.rowdot(a0, box.center) + ops.rowdot(tf.abs(a0), box.radius)
+
+
+def _identity_rows(shape, batch) -> tf.Tensor:
+  """[B, 2n, *shape]: rows e_k then -e_k for every neuron k (upper and -lower)."""
+  n = int(np.prod(shape))
+  eye = tf.reshape(tf.eye(n), (1, n) + tuple(shape))
+  rows = tf.concat([eye, -eye], axis=1)
+  return tf.tile(rows, tf.concat([[batch], tf.ones([len(shape) + 1], tf.int32)], 0))
+
+
+def _has_relu_before(graph: BoundGraph, z: int) -> bool:
+  return any(isinstance(graph.nodes[i].op, ops.ReluOp) for i in graph.ancestors(z))
+
+
+def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str
+                          ) -> dict[int, IntervalBounds]:
+  """Bounds of every ReLU's input: interval (crown_ibp) or CROWN (crown, alpha)."""
+  itv = interval.node_bounds(graph, box.lower, box.upper)
+  pre: dict[int, IntervalBounds] = {}
+  for node in graph.nodes:
+    if not isinstance(node.op, ops.ReluOp) or node.inputs[0] in pre:
+      continue
+    z = node.inputs[0]
+    if method == "crown_ibp" or not _has_relu_before(graph, z):
+      pre[z] = itv[z]  # exact for an affine map of the box
+      continue
+    pre[z] = _tighten_unstable(graph, z, itv[z], pre, box)
+  return pre
+
+
+def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBounds:
+  """CROWN bounds of z's neurons that interval bounds leave unstable in some
+  example of the batch, intersected with the interval bounds. The others keep
+  their interval bounds: a stable neuron's relaxation (y = x or y = 0) does not
+  depend on its bounds, so this loses nothing."""
+  shape = graph.nodes[z].op.out_shape
+  n = int(np.prod(shape))
+  lo, up = ops.flat(itv_z.lower), ops.flat(itv_z.upper)  # [B, n]
+  unstable = tf.reduce_any(tf.logical_and(lo < 0.0, up > 0.0), axis=0)
+  idx = tf.cast(tf.where(unstable)[:, 0], tf.int32)  # [k]
+  k = tf.shape(idx)[0]
+  batch = tf.shape(lo)[0]
+  eye = tf.reshape(tf.one_hot(idx, n), tf.concat([[1, k], shape], 0))
+  rows = tf.tile(tf.concat([eye, -eye], axis=1), tf.concat(
+      [[batch], tf.ones([len(shape) + 1], tf.int32)], 0))
+  ub = backward_upper(graph, z, rows, pre, box)  # [B, 2k]
+
+  def scatter(base, new, keep):
+    cols = tf.transpose(base)  # [n, B]
+    picked = tf.gather(cols, idx)
+    updated = tf.tensor_scatter_nd_update(cols, idx[:, None],
+                                          keep(picked, tf.transpose(new)))
+    return tf.reshape(tf.transpose(updated), tf.shape(itv_z.lower))
+
+  return IntervalBounds(scatter(lo, -ub[:, k:], tf.maximum),
+                        scatter(up, ub[:, :k], tf.minimum))
+
+
+def _output_rows(graph: BoundGraph, spec, batch) -> tf.Tensor:
+  """[B, 2m, *out_shape]: the spec rows (or identity) and their negatives."""
+  if spec is None:
+    return _identity_rows(graph.output_shape, batch)
+  rows = tf.reshape(spec, tf.concat([tf.shape(spec)[:2], graph.output_shape], 0))
+  return tf.concat([rows, -rows], axis=1)
+
+
+def _optimise_slopes(graph, rows, pre, box, steps: int) -> tf.Tensor:
+  """alpha-CROWN: the tightest upper bound over projected Adam steps on slopes."""
+  relus = [i for i, n in enumerate(graph.nodes) if isinstance(n.op, ops.ReluOp)]
+  m = tf.shape(rows)[1]
+  slopes = {}
+  for i in relus:
+    _, _, a, _ = _relaxation(pre[graph.nodes[i].inputs[0]])
+    slopes[i] = tf.tile(a[:, None], tf.concat(
+        [[1, m], tf.ones([len(graph.nodes[i].op.out_shape)], tf.int32)], 0))
+  first = [tf.zeros_like(s) for s in slopes.values()]
+  second = [tf.zeros_like(s) for s in slopes.values()]
+  best = None
+  for t in range(1, steps + 1):
+    with tf.GradientTape() as tape:
+      tape.watch(list(slopes.values()))
+      ub = backward_upper(graph, graph.output, rows, pre, box, slopes)
+      loss = tf.reduce_sum(ub)
+    best = ub if best is None else tf.minimum(best, ub)
+    grads = tape.gradient(loss, list(slopes.values()))
+    for k, (i, g) in enumerate(zip(list(slopes), grads)):
+      g = tf.zeros_like(slopes[i]) if g is None else g
+      first[k] = 0.9 * first[k] + 0.1 * g
+      second[k] = 0.999 * second[k] + 0.001 * g * g
+      step = (first[k] / (1 - 0.9**t)) / (tf.sqrt(second[k] / (1 - 0.999**t)) + 1e-8)
+      slopes[i] = tf.clip_by_value(slopes[i] - ALPHA_LEARNING_RATE * step, 0.0, 1.0)
+  ub = backward_upper(graph, graph.output, rows, pre, box, slopes)
+  return ub if best is None else tf.minimum(best, ub)
+
+
+def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
+           spec: tf.Tensor | None = None, method: str = "crown",
+           alpha_steps: int | None = None) -> IntervalBounds:
+  """Bounds of the output (or of spec [B, m, n_out] @ output), [B, m]."""
+  if method not in METHODS:
+    raise ValueError(f"unknown CROWN method {method!r}; choose one of {METHODS}.")
+  box = IntervalBounds(lower, upper)
+  pre = pre_activation_bounds(graph, box, method)
+  batch = tf.shape(lower)[0]
+  rows = _output_rows(graph, spec, batch)
+  if method == "alpha_crown":
+    steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
+    ub = _optimise_slopes(graph, rows, pre, box, steps)
+  else:
+    ub = backward_upper(graph, graph.output, rows, pre, box)
+  m = tf.shape(rows)[1] // 2
+  return IntervalBounds(-ub[:, m:], ub[:, :m])
+
+
+def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
+  """Largest number of float32 values one example's backward passes hold."""
+  def widest(z):
+    return max(int(np.prod(graph.nodes[i].op.out_shape)) for i in graph.ancestors(z))
+  out = 2 * num_rows * widest(graph.output)
+  if method == "alpha_crown":
+    relus = sum(int(np.prod(n.op.out_shape)) for n in graph.nodes
+                if isinstance(n.op, ops.ReluOp))
+    out += 6 * num_rows * relus  # slopes and Adam moments
+  if method == "crown_ibp":
+    return out
+  for node in graph.nodes:
+    if isinstance(node.op, ops.ReluOp) and _has_relu_before(graph, node.inputs[0]):
+      z = node.inputs[0]
+      out = max(out, 2 * int(np.prod(graph.nodes[z].op.out_shape)) * widest(z))
+  return out
