@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from mixtrain_tf import networks, rundir
+from mixtrain_tf import callbacks, networks, rundir
 
 
 def _dead_pid() -> int:
@@ -159,3 +159,48 @@ def test_flag_differences_reads_booleans_and_unset_flags(tmp_path):
   assert rundir.flag_differences(recorded, current, ignore=("model_dir",)) == [
       "--data_dir unset (now --data_dir=/d)", "--epochs=3 (now --epochs=4)",
       "--noshuffle (now --shuffle)"]
+
+
+# -- resuming: the backup's history and clock ------------------------------------------
+
+
+class _Interrupt(keras.callbacks.Callback):
+  def on_epoch_begin(self, epoch, logs=None):
+    if epoch == 2:
+      raise RuntimeError("killed")
+
+
+def _tiny_model():
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+  model.epsilon = keras.Variable(0.0, trainable=False, name="epsilon")  # TimeBudget
+  model.compile(optimizer="sgd", loss="mse")
+  return model
+
+
+def test_resumed_fit_reports_the_whole_run_and_continues_its_budget(tmp_path):
+  x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+  y = x.sum(axis=1, keepdims=True)
+  backup_dir = str(tmp_path / "backup")
+
+  def fit(extra=()):
+    budget = callbacks.TimeBudget(1000.0, 4, callbacks.EpsilonRamp(0.1, 4))
+    backup = callbacks.ResumableBackup(backup_dir, on_resume=(budget.resume,))
+    model = _tiny_model()
+    model.fit(x, y, epochs=4, verbose=0, callbacks=[budget, backup, *extra])
+    return backup, budget
+
+  with pytest.raises(RuntimeError, match="killed"):
+    fit([_Interrupt()])
+  progress = json.loads((tmp_path / "backup" / "progress.json").read_text())
+  assert [e["epoch"] for e in progress] == [0, 1]
+  backup, budget = fit()
+  assert backup.initial_epoch == 2
+  history = backup.history()
+  assert len(history["loss"]) == 4
+  assert history["loss"][:2] == [e["logs"]["loss"] for e in progress]
+  seconds = history["train_seconds"]  # TimeBudget's clock went on
+  assert seconds == sorted(seconds) and seconds[2] > progress[-1]["train_seconds"]
+  assert backup.seconds_before == progress[-1]["train_seconds"] > 0
+  assert backup.train_seconds() > backup.seconds_before
+  assert not (tmp_path / "backup").exists()
