@@ -1,5 +1,6 @@
 """Bad inputs never become proofs: the ball is checked eagerly, in graph mode and in
-the SavedModel signatures; empty batches, every last layer and memory budgets work.
+the SavedModel signatures; unsupported layers are named and unknown methods refused;
+empty batches, every last layer and memory budgets (chunks give the same bounds) work.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import zoo  # tests/zoo.py: the shared networks and helpers
 
 import mixtrain_tf
-from mixtrain_tf import api, export
+from mixtrain_tf import api, export, networks
 from mixtrain_tf.layers import InputNormalization
 
 L = keras.layers
@@ -295,3 +297,116 @@ def test_every_engine_honours_the_memory_budget(method):
   grew = json.loads(out.stdout.strip().splitlines()[-1])["grew_mb"]
   inputs_mb = 2 * n * 784 * 4 / 2**20
   assert grew <= 1.25 * budget + inputs_mb, f"{method}: grew {grew:.0f} MB"
+
+
+# -- unsupported layers, bad inputs, unknown methods ----------------------------
+
+
+def _with(layer, input_shape=(6, 6, 2)):
+  x = inputs = keras.Input(input_shape)
+  x = L.Conv2D(2, 3, padding="same", activation="relu", name="first")(x)
+  x = layer(x)
+  x = L.Flatten()(x)
+  return keras.Model(inputs, L.Dense(3)(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("layer, cls", [
+    (lambda: L.MaxPooling2D(2, name="pool_me"), "MaxPooling2D"),
+    (lambda: L.Dense(4, activation="tanh", name="tanh_dense"), "Dense"),
+    (lambda: L.Conv2D(2, 3, dilation_rate=2, padding="same", name="dilated"),
+     "Conv2D"),
+    (lambda: L.Activation("sigmoid", name="sigmoid_act"), "Activation"),
+    (lambda: L.ReLU(max_value=6.0, name="relu6"), "ReLU"),
+])
+def test_unsupported_layer_is_named(layer, cls, method):
+  lay = layer()
+  model = _with(lay)
+  x = np.full((1, 6, 6, 2), 0.5, np.float32)
+  with pytest.raises(ValueError) as err:
+    mixtrain_tf.compute_bounds(model, x, 0.1, method=method)
+  msg = str(err.value)
+  assert f"'{lay.name}'" in msg and f"({cls})" in msg, msg
+  assert "supported:" in msg and "Dense" in msg and "Conv2D" in msg and "ReLU" in msg
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_input_errors(method):
+  model = zoo.conv_net()
+  x = zoo.inputs(model, 2, seed=0)
+  y = np.array([0, 1])
+  with pytest.raises(ValueError, match=r"shape"):
+    mixtrain_tf.compute_bounds(model, x[:, :6], 0.1, method=method)
+  with pytest.raises(ValueError, match=r"shape"):
+    mixtrain_tf.compute_bounds(model, x.reshape(2, -1), 0.1, method=method)
+  with pytest.raises(ValueError, match=r"epsilon"):
+    mixtrain_tf.compute_bounds(model, x, -0.1, method=method)
+  with pytest.raises(ValueError, match=r"epsilon"):
+    mixtrain_tf.compute_bounds(model, x, float("nan"), method=method)
+  bad = x.copy()
+  bad[1, 2, 3, 0] = np.nan
+  with pytest.raises(ValueError, match=r"NaN"):
+    mixtrain_tf.compute_bounds(model, bad, 0.1, method=method)
+  with pytest.raises(ValueError, match=r"NaN"):
+    mixtrain_tf.margin_upper_bounds(model, bad, y, 0.1, method=method)
+  with pytest.raises(ValueError, match=r"labels"):
+    mixtrain_tf.margin_upper_bounds(model, x, np.array([0, 5]), 0.1, method=method)
+  with pytest.raises(ValueError, match=r"labels"):
+    mixtrain_tf.verified(model, x, np.array([-1, 0]), 0.1, method=method)
+  with pytest.raises(ValueError, match=r"y must have shape"):
+    mixtrain_tf.verified(model, x, np.array([0, 1, 2]), 0.1, method=method)
+
+
+@pytest.mark.parametrize("call", ["compute_bounds", "margin_upper_bounds", "verified",
+                                  "bound_box"])
+def test_unknown_method(call):
+  model = zoo.dense_net()
+  x = zoo.inputs(model, 2, seed=0)
+  y = np.array([0, 1])
+  fns = {
+      "compute_bounds": lambda: mixtrain_tf.compute_bounds(model, x, 0.1, "deeppoly"),
+      "margin_upper_bounds": lambda: mixtrain_tf.margin_upper_bounds(
+          model, x, y, 0.1, "deeppoly"),
+      "verified": lambda: mixtrain_tf.verified(model, x, y, 0.1, "deeppoly"),
+      "bound_box": lambda: api.bound_box(model, x, x, "deeppoly"),
+  }
+  # (Not "crown": that is a bound method since issue 12.)
+  with pytest.raises(ValueError, match=r"unknown bound method 'deeppoly'.*interval.*"
+                                       r"symbolic"):
+    fns[call]()
+
+
+# -- memory chunking --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tiny_memory_budget_gives_same_bounds(method, monkeypatch):
+  model = zoo.authors_model()
+  x, y = zoo.mnist_test(100)
+  x, y = x[:5], y[:5]
+  whole = mixtrain_tf.compute_bounds(model, x, 0.2, method=method)
+  whole_ub = mixtrain_tf.margin_upper_bounds(model, x, y, 0.2, method=method)
+  calls = []
+  bound_box = api.bound_box
+  monkeypatch.setattr(api, "bound_box",
+                      lambda *a, **k: calls.append(a[1].shape[0]) or bound_box(*a, **k))
+  tiny = 1e-6  # MB: far less than one example needs, so chunks of one example
+  parts = mixtrain_tf.compute_bounds(model, x, 0.2, method=method,
+                                     memory_budget_mb=tiny)
+  parts_ub = mixtrain_tf.margin_upper_bounds(model, x, y, 0.2, method=method,
+                                             memory_budget_mb=tiny)
+  parts_ok = mixtrain_tf.verified(model, x, y, 0.2, method=method,
+                                  memory_budget_mb=tiny)
+  assert calls == [1] * 15
+  for a, b in zip(whole + (whole_ub,), parts + (parts_ub,)):
+    tol = zoo.RTOL * zoo.scale(a.numpy())
+    zoo.assert_close(a, b, tol)
+  np.testing.assert_array_equal(parts_ok, np.max(np.where(
+      np.eye(10)[y] > 0, -np.inf, whole_ub), 1) < 0)
+
+
+def test_non_positive_memory_budget_is_an_error():
+  model = networks.build("mnist_small")
+  x = np.zeros((2, 28, 28, 1), np.float32)
+  with pytest.raises(ValueError, match="memory_budget_mb must be > 0"):
+    mixtrain_tf.compute_bounds(model, x, 0.1, memory_budget_mb=0)

@@ -1,0 +1,124 @@
+"""The linear operators of mixtrain_tf/ops.py are what they claim: for the dense
+matrix M of `op.linear` (rows = inputs, x -> x @ M, read off an identity basis),
+`op.transpose(v)` is v @ M^T (so <L x, v> = <x, L^T v>), `op.abs_linear(r)` is
+r @ |M|, and operators marked non-mixing have at most one nonzero per row and column.
+
+The operators are those of the zoo networks' bound graphs (in_shape/out_shape set
+there), which between them hold every operator kind and configuration listed in
+EXPECTED_KINDS. Comparisons are in float64, zoo.RTOL relative to the scale of the
+sums (|v| @ |M|^T), so only float32 rounding is allowed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import zoo
+
+from mixtrain_tf import ops
+from mixtrain_tf.graph import bound_graph
+
+EXPECTED_KINDS = {
+    "DenseOp", "DenseOp on rank 2",
+    "Conv2DOp strides (2, 2) SAME, odd input",
+    "Conv2DOp strides (2, 2) VALID, odd output",
+    "Conv2DOp strides (2, 1) SAME", "Conv2DOp strides (1, 1) SAME",
+    "ScaleShiftOp per channel", "ScaleShiftOp broadcast-shaped",
+    "ScaleShiftOp scalar",
+    "ReshapeOp Flatten", "ReshapeOp Reshape", "ZeroPadOp", "AvgPoolOp SAME",
+    "AvgPoolOp VALID", "IdentityOp",
+}
+
+
+def _kinds(op) -> set[str]:
+  """What configuration of its class one operator exercises."""
+  name = type(op).__name__
+  kinds = {name}
+  if isinstance(op, ops.DenseOp) and len(op.in_shape) > 1:
+    kinds.add("DenseOp on rank 2")
+  if isinstance(op, ops.Conv2DOp):
+    kinds.add(f"Conv2DOp strides {op.strides} {op.padding}")
+    if op.strides == (2, 2) and op.padding == "SAME" and op.in_shape[0] % 2:
+      kinds.add("Conv2DOp strides (2, 2) SAME, odd input")
+    if op.strides == (2, 2) and op.padding == "VALID" and op.out_shape[0] % 2:
+      kinds.add("Conv2DOp strides (2, 2) VALID, odd output")
+  if isinstance(op, ops.ScaleShiftOp):
+    shape = tuple(op._scale_fn().shape)  # the layer's scale, as the op reads it
+    kinds.add("ScaleShiftOp " + ("scalar" if shape == () else
+                                 "per channel" if len(shape) == 1 else
+                                 "broadcast-shaped"))
+  if isinstance(op, ops.ReshapeOp):
+    kinds.add(f"ReshapeOp {type(op.layer).__name__}")
+  if isinstance(op, ops.AvgPoolOp):
+    kinds.add(f"AvgPoolOp {op.padding}")
+  return kinds
+
+
+def _affine_nodes(net: str):
+  nodes = bound_graph(zoo.RANDOM_NETS[net]()).nodes
+  return [(f"{net} node {i} '{n.name}' ({type(n.op).__name__})", n.op)
+          for i, n in enumerate(nodes) if isinstance(n.op, ops.AffineOp)]
+
+
+def _matrix(op) -> np.ndarray:
+  """M [n_in, n_out] of op.linear, float64: L(x) = x @ M (flattened)."""
+  n_in = int(np.prod(op.in_shape))
+  eye = tf.reshape(tf.eye(n_in), (n_in,) + tuple(op.in_shape))
+  return tf.reshape(op.linear(eye), [n_in, -1]).numpy().astype(np.float64)
+
+
+def _assert_close(ours, want, scale, what):
+  err = np.abs(np.asarray(ours, np.float64) - want)
+  tol = zoo.RTOL * np.maximum(1.0, scale)
+  assert np.all(err <= tol), (
+      f"{what}: differs by up to {err.max():.3g} (tolerance {tol.min():.3g})")
+
+
+def test_zoo_holds_every_operator_kind():
+  found = set().union(*[_kinds(op) for net in zoo.RANDOM_NETS
+                        for _, op in _affine_nodes(net)])
+  assert EXPECTED_KINDS <= found, f"missing: {sorted(EXPECTED_KINDS - found)}"
+
+
+@pytest.mark.parametrize("net", sorted(zoo.RANDOM_NETS))
+def test_transpose_is_the_adjoint_of_linear(net):
+  rng = np.random.default_rng(1)
+  for what, op in _affine_nodes(net):
+    m = _matrix(op)
+    # Two leading dims, as the symbolic engine pulls [batch, rows, *shape] back.
+    v = rng.normal(size=(2, 3) + tuple(op.out_shape)).astype(np.float32)
+    flat_v = v.reshape(6, -1).astype(np.float64)
+    got = op.transpose(tf.constant(v)).numpy()
+    assert got.shape == (2, 3) + tuple(op.in_shape), what
+    _assert_close(got.reshape(6, -1), flat_v @ m.T, np.abs(flat_v) @ np.abs(m).T,
+                  f"{what} transpose")
+    x = rng.normal(size=(6,) + tuple(op.in_shape)).astype(np.float32)
+    flat_x = x.reshape(6, -1).astype(np.float64)
+    lx = op.linear(tf.constant(x)).numpy().reshape(6, -1).astype(np.float64)
+    lt_v = got.reshape(6, -1).astype(np.float64)
+    _assert_close(np.sum(lx * flat_v, 1), np.sum(flat_x * lt_v, 1),
+                  np.einsum("bi,ij,bj->b", np.abs(flat_x), np.abs(m), np.abs(flat_v)),
+                  f"{what} <L x, v> = <x, L^T v>")
+
+
+@pytest.mark.parametrize("net", sorted(zoo.RANDOM_NETS))
+def test_abs_linear_is_the_map_with_absolute_weights(net):
+  rng = np.random.default_rng(2)
+  for what, op in _affine_nodes(net):
+    m = _matrix(op)
+    r = rng.uniform(0, 1, (5,) + tuple(op.in_shape)).astype(np.float32)
+    flat_r = r.reshape(5, -1).astype(np.float64)
+    got = op.abs_linear(tf.constant(r)).numpy()
+    assert got.shape == (5,) + tuple(op.out_shape), what
+    want = flat_r @ np.abs(m)
+    _assert_close(got.reshape(5, -1), want, want, f"{what} abs_linear")
+
+
+@pytest.mark.parametrize("net", sorted(zoo.RANDOM_NETS))
+def test_non_mixing_operators_move_single_values(net):
+  # |L2 L1| = |L2| |L1| (the "direct" plan of symbolic.py) needs this of them.
+  for what, op in _affine_nodes(net):
+    if not op.mixing:
+      nonzero = _matrix(op) != 0
+      assert nonzero.sum(0).max() <= 1 and nonzero.sum(1).max() <= 1, what
