@@ -111,9 +111,23 @@ def _has_relu_before(graph: BoundGraph, z: int) -> bool:
   return any(isinstance(graph.nodes[i].op, ops.ReluOp) for i in graph.ancestors(z))
 
 
-def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str
-                          ) -> dict[int, IntervalBounds]:
-  """Bounds of every ReLU's input: interval (crown_ibp) or CROWN (crown, alpha)."""
+def _apply_split(b: IntervalBounds, split) -> IntervalBounds:
+  """Branch-and-bound constraints: +1 keeps x >= 0 (l >= 0), -1 keeps x <= 0."""
+  if split is None:
+    return b
+  lower = tf.where(split > 0, tf.maximum(b.lower, 0.0), b.lower)
+  upper = tf.where(split < 0, tf.minimum(b.upper, 0.0), b.upper)
+  return IntervalBounds(lower, upper)
+
+
+def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str,
+                          splits: dict | None = None) -> dict[int, IntervalBounds]:
+  """Bounds of every ReLU's input: interval (crown_ibp) or CROWN (crown, alpha).
+
+  `splits[z]` ([B, *shape_z] of -1, 0, +1) restricts the box to the subdomain
+  where those pre-activations are <= 0 / >= 0 (branch and bound): bounds are then
+  valid on the subdomain only."""
+  splits = splits or {}
   itv = interval.node_bounds(graph, box.lower, box.upper)
   pre: dict[int, IntervalBounds] = {}
   for node in graph.nodes:
@@ -121,9 +135,10 @@ def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str
       continue
     z = node.inputs[0]
     if method == "crown_ibp" or not _has_relu_before(graph, z):
-      pre[z] = itv[z]  # exact for an affine map of the box
+      pre[z] = _apply_split(itv[z], splits.get(z))  # exact for an affine map
       continue
-    pre[z] = _tighten_unstable(graph, z, itv[z], pre, box)
+    pre[z] = _apply_split(_tighten_unstable(graph, z, itv[z], pre, box),
+                          splits.get(z))
   return pre
 
 
@@ -194,12 +209,15 @@ def _optimise_slopes(graph, rows, pre, box, steps: int) -> tf.Tensor:
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
            spec: tf.Tensor | None = None, method: str = "crown",
-           alpha_steps: int | None = None) -> IntervalBounds:
-  """Bounds of the output (or of spec [B, m, n_out] @ output), [B, m]."""
+           alpha_steps: int | None = None, splits: dict | None = None
+           ) -> IntervalBounds:
+  """Bounds of the output (or of spec [B, m, n_out] @ output), [B, m].
+
+  With `splits` (see `pre_activation_bounds`) the bounds hold on the subdomain."""
   if method not in METHODS:
     raise ValueError(f"unknown CROWN method {method!r}; choose one of {METHODS}.")
   box = IntervalBounds(lower, upper)
-  pre = pre_activation_bounds(graph, box, method)
+  pre = pre_activation_bounds(graph, box, method, splits)
   batch = tf.shape(lower)[0]
   rows = _output_rows(graph, spec, batch)
   if method == "alpha_crown":

@@ -47,8 +47,12 @@ def define_flags():
                            "--epsilon must be in [0, 1] (pixel units).")
   flags.DEFINE_integer("alpha_steps", None, "Optimisation steps of alpha_crown "
                        "(default: mixtrain_tf.crown.DEFAULT_ALPHA_STEPS).")
-  flags.register_validator("methods", lambda v: set(v) <= set(api.METHODS),
-                           f"--methods takes {', '.join(api.METHODS)}.")
+  flags.DEFINE_float("bab_time_limit", 30.0, "Seconds per example for "
+                     "--methods=bab (complete verification by branch and bound).")
+  flags.register_validator("methods", lambda v: set(v) <= {*api.METHODS, "bab"},
+                           f"--methods takes {', '.join(api.METHODS)}, bab.")
+  flags.register_validator("bab_time_limit", lambda v: v > 0,
+                           "--bab_time_limit must be > 0.")
   flags.register_validator("alpha_steps", lambda v: v is None or v >= 0,
                            "--alpha_steps must be >= 0.")
   flags.register_validator("attacks", lambda v: set(v) <= set(evaluation.ATTACKS),
@@ -156,7 +160,8 @@ def run() -> dict:
         **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
         pgd_restarts=FLAGS.restarts,
         num_examples=FLAGS.num_examples, predict_fn=predict_fn,
-        margins_fn=margins_fn, alpha_steps=FLAGS.alpha_steps)
+        margins_fn=margins_fn, alpha_steps=FLAGS.alpha_steps,
+        bab_time_limit=FLAGS.bab_time_limit)
   except evaluation.EvaluationError as e:  # keep what was measured
     _write(FLAGS.output, {**e.partial_result, **header})
     where = f"; the partial results are in {FLAGS.output}" if FLAGS.output else ""

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import keras
 import tensorflow as tf
 
-from mixtrain_tf import api, attacks, bound_layer
+from mixtrain_tf import api, attacks, bab, bound_layer
 
 ATTACKS = ("pgd", "interval")
 
@@ -32,7 +32,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
              num_examples: int | None = None, verbose: bool = True,
              predict_fn: Callable | None = None,
              margins_fn: Callable | None = None, seed: int = 0,
-             alpha_steps: int | None = None) -> dict:
+             alpha_steps: int | None = None, bab_time_limit: float = 30.0) -> dict:
   """Clean accuracy, accuracy under each attack and verified accuracy per method.
 
   Args:
@@ -40,7 +40,10 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
       `predict_fn` and `margins_fn` are given (e.g. a SavedModel's signatures).
     dataset: batches of (images in [0, 1], labels).
     epsilon: L-inf radius.
-    methods: bound methods for verified accuracy (`api.METHODS`).
+    methods: bound methods for verified accuracy (`api.METHODS`), or "bab":
+      complete verification by branch and bound (`mixtrain_tf.bab`) of every
+      correctly classified example, whose leaf also counts "falsified" and
+      "unknown" (time limit `bab_time_limit` seconds per example).
     attack_names: attacks for attacked accuracy: "pgd" and/or "interval"
       (docs/method.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
       pgd_restarts.
@@ -58,9 +61,11 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
   predict, attack_fns, margin_fns = _functions(
       network, epsilon, methods, attack_names, predict_fn, margins_fn,
       dict(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
-           seed=tf.constant([seed, 0], tf.int32)), alpha_steps)
+           seed=tf.constant([seed, 0], tf.int32)), alpha_steps, bab_time_limit)
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
+  if "bab" in methods:
+    counts.update({"bab/falsified": 0, "bab/unknown": 0})
   seconds = dict.fromkeys(counts, 0.0)
   total = 0
   bar = _progress(num_examples, verbose)
@@ -82,7 +87,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
 
 
 def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
-               pgd: dict, alpha_steps: int | None):
+               pgd: dict, alpha_steps: int | None, bab_time_limit: float):
   """The compiled prediction, attack and margin functions of one evaluation."""
   predict = predict_fn or tf.function(lambda x: network(x, training=False))
   attack_fns = {
@@ -96,9 +101,11 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
   attack_fns = {a: attack_fns[a]() for a in attack_names}
   if margins_fn is None:
     layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
-              for m in methods}
+              for m in methods if m != "bab"}
     margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
-        "margin_upper"]) for m in methods}
+        "margin_upper"]) for m in layers}
+    if "bab" in methods:
+      margin_fns["bab"] = _bab_verdicts(network, epsilon, bab_time_limit)
   else:
     margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
   return predict, attack_fns, margin_fns
@@ -115,8 +122,26 @@ def _check_invariant(counts, total, attack_names, methods, result) -> None:
           result)
 
 
+def _bab_verdicts(network, epsilon, time_limit):
+  """Branch and bound as a verdict function: returns the bab.Result list; an
+  example misclassified at x is its own counterexample ("falsified")."""
+  def run(x, y, correct):
+    out = []
+    for xi, yi, ok in zip(x.numpy(), y.numpy(), correct.numpy()):
+      out.append(bab.verify_example(network, xi, yi, float(epsilon),
+                                    time_limit=time_limit) if ok
+                 else bab.Result("falsified", xi))
+    return out
+  run.is_bab = True
+  return run
+
+
 def _check_names(network, methods, attack_names) -> None:
   for m in methods:
+    if m == "bab":
+      if network is None:
+        raise ValueError("branch and bound (bab) needs the network's layers.")
+      continue
     api.BoundMethod(m)
   for a in attack_names:
     if a not in ATTACKS:
@@ -153,7 +178,13 @@ def _count_batch(x, y, predict, attack_fns, margin_fns, counts, seconds) -> None
     step[f"attack/{a}"] = tf.logical_and(correct, still)
   for m, margins in margin_fns.items():
     t = time.perf_counter()
-    ok = tf.logical_and(correct, api.is_verified(margins(x, y), y))
+    if getattr(margins, "is_bab", False):
+      results = margins(x, y, correct)
+      ok = tf.constant([r.status == "verified" for r in results])
+      for status in ("falsified", "unknown"):
+        step[f"bab/{status}"] = tf.constant([r.status == status for r in results])
+    else:
+      ok = tf.logical_and(correct, api.is_verified(margins(x, y), y))
     seconds[f"verified/{m}"] += time.perf_counter() - t
     step[f"verified/{m}"] = ok
   for key, ok in step.items():
@@ -168,6 +199,9 @@ def _result(counts, seconds, total, epsilon, attack_names, methods,
   out = {"examples": total, "epsilon": float(epsilon), "clean": leaf("clean"),
          "attacks": {a: leaf(f"attack/{a}") for a in attack_names},
          "verified": {m: leaf(f"verified/{m}") for m in methods}}
+  if "bab" in methods:  # complete verification: every correct point is one of 3
+    out["verified"]["bab"].update(falsified=counts["bab/falsified"],
+                                  unknown=counts["bab/unknown"])
   if not complete:
     out["complete"] = False
   return out

@@ -1,0 +1,99 @@
+"""Branch and bound: its verdicts are right (checked by dense grids and forward
+passes on 2-input networks) and it decides points CROWN alone cannot."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+
+import mixtrain_tf
+from mixtrain_tf import bab, evaluation
+
+L = keras.layers
+
+
+@functools.cache
+def _two_input_net(seed: int) -> keras.Model:
+  keras.utils.set_random_seed(seed)
+  model = keras.Sequential([keras.Input((2,)), L.Dense(12, activation="relu"),
+                            L.Dense(12, activation="relu"), L.Dense(3)])
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    k, b = layer.get_weights()
+    layer.set_weights([rng.normal(0, 1.5 / np.sqrt(k.shape[0]), k.shape),
+                       rng.normal(0, 0.3, b.shape)])
+  return model
+
+
+def _grid_labels(model, x, eps, n=301):
+  lo, hi = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
+  g0, g1 = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n))
+  pts = np.stack([g0.ravel(), g1.ravel()], 1).astype(np.float32)
+  return np.argmax(model.predict(pts, verbose=0, batch_size=100000), 1)
+
+
+@functools.cache
+def _verdicts(seed: int):
+  """8 points of a random 2-input network at eps 0.08: x, y, bab results and
+  alpha-CROWN's verdicts."""
+  model = _two_input_net(seed)
+  x = np.random.default_rng(seed).uniform(0.2, 0.8, (8, 2)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  results = bab.verify(model, x, y, 0.08, time_limit=5)
+  alpha = mixtrain_tf.verified(model, x, y, 0.08, "alpha_crown").numpy()
+  return x, y, results, alpha
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verdicts_agree_with_a_dense_grid(seed):
+  model = _two_input_net(seed)
+  x, y, results, _ = _verdicts(seed)
+  decided = 0
+  for xi, yi, r in zip(x, y, results):
+    labels = _grid_labels(model, xi, 0.08)
+    if r.status == "verified":
+      assert np.all(labels == yi), "branch and bound proved a non-robust point"
+      decided += 1
+    elif r.status == "falsified":
+      adv = r.counterexample
+      assert np.all(np.abs(adv - xi) <= 0.08 + 1e-6)
+      assert np.argmax(model.predict(adv[None], verbose=0)[0]) != yi
+      decided += 1
+  assert decided >= 7, [r.status for r in results]
+
+
+def test_decides_points_crown_cannot():
+  """Over 3 networks x 8 points, branch and bound verifies points alpha-CROWN
+  alone leaves open, and every point alpha-CROWN proves."""
+  gained = 0
+  for seed in range(3):
+    _, _, results, alpha = _verdicts(seed)
+    ok = np.array([r.status == "verified" for r in results])
+    assert np.all(ok[alpha]), "a point alpha-CROWN proves must be verified"
+    gained += int(np.sum(ok & ~alpha))
+  assert gained >= 1
+
+
+def test_evaluate_reports_the_three_verdicts():
+  model = _two_input_net(0)
+  x = np.random.default_rng(5).uniform(0.2, 0.8, (6, 2)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  y[0] = (y[0] + 1) % 3  # misclassified: its own counterexample
+  out = evaluation.evaluate(model, [(x, y)], 0.08, methods=("crown", "bab"),
+                            attack_names=("pgd",), pgd_steps=10,
+                            pgd_step_size=0.02, verbose=False, bab_time_limit=5)
+  leaf = out["verified"]["bab"]
+  assert leaf["count"] + leaf["falsified"] + leaf["unknown"] == 6
+  assert leaf["falsified"] >= 1
+  assert out["verified"]["crown"]["count"] <= leaf["count"]
+
+
+def test_bad_balls_are_refused():
+  model = _two_input_net(0)
+  with pytest.raises(ValueError, match="epsilon"):
+    bab.verify(model, np.full((1, 2), 0.5, np.float32), [0], -0.1)
+  with pytest.raises(ValueError, match="outside the input domain"):
+    bab.verify(model, np.full((1, 2), 3.0, np.float32), [0], 0.1)
