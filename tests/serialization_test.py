@@ -140,7 +140,7 @@ def test_input_normalization_rejects_bad_constants():
     ("mnist_small", METHODS), ("cifar_resnet", ("interval",)),
     ("imagenet200_resnet", ("interval",))])
 def test_networks_round_trip(name, methods, tmp_path):
-  # Symbolic bounds of the resnets cost seconds each; bounds_test covers them.
+  # Symbolic bounds of the resnets cost seconds each; soundness_test covers them.
   model = networks.build(name)
   path = tmp_path / f"{name}.keras"
   model.save(path)
