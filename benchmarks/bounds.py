@@ -117,6 +117,7 @@ def worker_network(name: str, batch: int | None, min_time: float) -> dict:
   tf, stats = _import_tf()
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from mixtrain_tf import api, networks  # pylint: disable=g-import-not-at-top
 
   keras.utils.set_random_seed(0)
@@ -180,7 +181,8 @@ def _load_mnist_small(tf, keras):
   if required:
     return (loader(str(path)), "the authors' MixTrain eps 0.3 model, "
             f"mixtrain_tf.pretrained.load_authors_mnist_small('{path.name}')")
-  return loader(), "the authors' model, mixtrain_tf.pretrained.load_authors_mnist_small()"
+  return loader(), ("the authors' model, "
+                    "mixtrain_tf.pretrained.load_authors_mnist_small()")
 
 
 def worker_mnist_verify(num_images: int, eps: float) -> dict:
@@ -188,6 +190,7 @@ def worker_mnist_verify(num_images: int, eps: float) -> dict:
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   import mixtrain_tf  # pylint: disable=g-import-not-at-top
   from mixtrain_tf import api  # pylint: disable=g-import-not-at-top
 
@@ -270,7 +273,8 @@ def _mb(b) -> str:
 def _table(headers: list[str], rows: list[list[str]]) -> str:
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
   line = lambda cells: "| " + " | ".join(  # noqa: E731
-      c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+      c.rjust(w) if i else c.ljust(w)
+      for i, (c, w) in enumerate(zip(cells, widths))) + " |"
   sep = "|" + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2)
                        for i, w in enumerate(widths)) + "|"
   return "\n".join([line(headers), sep] + [line(r) for r in rows])
@@ -336,7 +340,8 @@ def report(results: list[dict], mnist: dict | None) -> str:
       out.append(f"  clean accuracy                         {mnist['clean_acc']:.1%}")
       out.append(f"  symbolic, mixtrain_tf.verified         "
                  f"{sym['median_s'] * per_k:.2f} s per 1,000 images (CPU "
-                 f"{sym['cpu_s'] * per_k:.2f} s; first call {sym['first_s'] * per_k:.2f} s),"
+                 f"{sym['cpu_s'] * per_k:.2f} s; "
+                 f"first call {sym['first_s'] * per_k:.2f} s),"
                  f" verified acc {sym['verified_acc']:.1%}")
       out.append(f"  symbolic, tf.function loop, batch 50   "
                  f"{tff['total_s'] * per_k:.2f} s per 1,000 images (CPU "
@@ -399,7 +404,8 @@ def main():
   mnist = None
   if args.mnist_images > 0:
     t = time.perf_counter()
-    mnist = _run_worker(["--_worker=mnist_verify", f"--mnist_images={args.mnist_images}",
+    mnist = _run_worker(["--_worker=mnist_verify",
+                         f"--mnist_images={args.mnist_images}",
                          f"--mnist_eps={args.mnist_eps}"], args.worker_timeout)
     print(f"  mnist verification: {time.perf_counter() - t:.0f} s; load average "
           f"{os.getloadavg()}", flush=True)

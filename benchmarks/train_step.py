@@ -14,10 +14,9 @@ import os
 import statistics
 import time
 
-from absl import app, flags
-
 import keras
 import tensorflow as tf
+from absl import app, flags
 
 from mixtrain_tf import data, networks, training
 

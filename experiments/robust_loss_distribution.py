@@ -1,6 +1,7 @@
 r"""The robust loss over the whole training set vs over MixTrain's k sampled points.
 
-    python experiments/robust_loss_distribution.py --model=runs/compare/eps0.1/mixtrain \
+    python experiments/robust_loss_distribution.py \
+        --model=runs/compare/eps0.1/mixtrain \
         --epsilon=0.1 --k=10 --batch_size=50 --out=runs/robust_loss_distribution
 
 MixTrain (docs/method.md 3) bounds only k points drawn uniformly from each batch of B;

@@ -13,6 +13,7 @@ from mixtrain_tf import crown, interval, ops, symbolic
 from mixtrain_tf.bounds import IntervalBounds, SymbolicBounds
 from mixtrain_tf.graph import BoundGraph, bound_graph
 
+
 class BoundMethod(str, enum.Enum):
   """Bound methods; the plain strings ("interval", "symbolic") are accepted too."""
   INTERVAL = "interval"

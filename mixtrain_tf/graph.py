@@ -413,21 +413,22 @@ class BoundGraph:
         raise SelfCheckError(self._diagnose(values, want))
 
   def _diagnose(self, values, want) -> str:
-    err = float(tf.reduce_max(tf.abs(values[-1] - tf.reshape(want, tf.shape(values[-1])))))
+    out = values[-1]
+    err = float(tf.reduce_max(tf.abs(out - tf.reshape(want, tf.shape(out)))))
     for call in self.calls:
       ins = [values[i] for i in call.inputs]
       got = values[call.output]
       try:
         ref = call.layer(ins if len(ins) > 1 else ins[0], training=False)
       except Exception as e:  # pylint: disable=broad-except
-        return (f"layer '{call.layer.name}' ({type(call.layer).__name__}) could not be "
-                f"re-run on its input while checking the bound graph ({e}).")
+        return (f"layer '{call.layer.name}' ({type(call.layer).__name__}) could not "
+                f"be re-run on its input while checking the bound graph ({e}).")
       if not _close(got, ref):
         gap = float(tf.reduce_max(tf.abs(got - tf.reshape(ref, tf.shape(got)))))
         return (f"layer '{call.layer.name}' ({type(call.layer).__name__}) is misread "
                 f"by the bound engines: their forward pass differs from the layer's "
-                f"own output by {gap:.3g}. Its bounds would be wrong, so it is refused; "
-                "replace the layer or describe it with bound_op().")
+                f"own output by {gap:.3g}. Its bounds would be wrong, so it is "
+                "refused; replace the layer or describe it with bound_op().")
     return (f"the bound graph of model '{self.model.name}' differs from the model's "
             f"output by {err:.3g}, though every layer matches on its own: the model "
             "wires its layers in a way the bound engines do not read.")

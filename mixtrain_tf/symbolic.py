@@ -97,7 +97,7 @@ class Plan:
       self.descendants[i] = {i}.union(*[self.descendants[j] for j in consumers[i]])
     self.targets: dict[int, _Target] = {}
     with tf.init_scope():
-      for i, node in enumerate(nodes):
+      for node in nodes:
         if isinstance(node.op, ops.ReluOp) and node.inputs[0] not in self.targets:
           self.targets[node.inputs[0]] = self._plan_target(node.inputs[0])
     out = len(nodes) - 1

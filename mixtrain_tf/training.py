@@ -172,7 +172,8 @@ class MixTrainModel(keras.Model):
         loss = (self.alpha * tf.reduce_mean(clean)
                 + (1.0 - self.alpha) * tf.reduce_mean(robust))
       # Per-replica mean / replicas: the summed gradients of all replicas are the
-      # gradient of the global mean, as on one device. scale_loss is the identity unless a loss-scale optimizer asks for it.
+      # gradient of the global mean, as on one device. scale_loss is the
+      # identity unless a loss-scale optimizer asks for it.
       scaled = self.optimizer.scale_loss(loss / tf.cast(replicas, tf.float32))
     grads = tape.gradient(scaled, self.network.trainable_variables)
     self.optimizer.apply(grads, self.network.trainable_variables)

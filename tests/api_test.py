@@ -54,7 +54,7 @@ def _all_calls(model, x, y, eps, method, **kw):
 @pytest.mark.parametrize("method", METHODS)
 def test_images_in_0_255_are_refused_with_the_fix(method):
   x = _x() * 255
-  for name, call in _all_calls(NET, x, np.zeros(3, int), 0.1, method).items():
+  for call in _all_calls(NET, x, np.zeros(3, int), 0.1, method).values():
     with pytest.raises(ValueError, match=r"outside the input domain.*divide them by "
                                          r"255, or pass clip_max=255"):
       call()
@@ -157,10 +157,12 @@ def test_graph_mode_checks_fail_the_call(method):
 
 def test_graph_mode_checks_static_shapes_and_dtypes():
   with pytest.raises(ValueError, match="takes inputs of shape"):
-    tf.function(lambda x: mixtrain_tf.compute_bounds(NET, x, 0.1)).get_concrete_function(
+    tf.function(
+        lambda x: mixtrain_tf.compute_bounds(NET, x, 0.1)).get_concrete_function(
         tf.TensorSpec([None, 5, 5, 1], tf.float32))
   with pytest.raises(ValueError, match="integer class indices"):
-    tf.function(lambda x, y: mixtrain_tf.verified(NET, x, y, 0.1)).get_concrete_function(
+    tf.function(
+        lambda x, y: mixtrain_tf.verified(NET, x, y, 0.1)).get_concrete_function(
         tf.TensorSpec([None, 4, 4, 1], tf.float32), tf.TensorSpec([None], tf.float32))
 
 

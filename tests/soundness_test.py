@@ -84,7 +84,8 @@ def _pgd_margins(model, x, y, eps, steps=60, restarts=2, seed=0):
   rng = np.random.default_rng(seed)
   lo, hi = zoo.box(x, eps)
   n_out = zoo.n_out(model)
-  rep = lambda t: np.repeat(t, n_out, axis=0)
+  def rep(t):
+    return np.repeat(t, n_out, axis=0)
   lo_r, hi_r = tf.constant(rep(lo)), tf.constant(rep(hi))
   sel = tf.constant(np.tile(np.eye(n_out, dtype=np.float32), (len(x), 1)))
   y_hot = tf.one_hot(rep(y), n_out)

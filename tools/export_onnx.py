@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
 import keras
 import numpy as np
+from absl import app, flags, logging
 
 from mixtrain_tf import data, onnx_export, vnnlib
 from mixtrain_tf import layers as _layers  # noqa: F401  (registers custom layers)

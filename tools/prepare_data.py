@@ -40,11 +40,9 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import BinaryIO
 
-from absl import app
-from absl import flags
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import app, flags, logging
 
 
 @dataclasses.dataclass(frozen=True)
