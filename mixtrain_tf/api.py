@@ -28,6 +28,23 @@ class BoundMethod(str, enum.Enum):
 
 
 METHODS = tuple(m.value for m in BoundMethod)
+
+
+def true_float32() -> None:
+  """Turns TensorFloat-32 off, process-wide: on Ampere and later GPUs TensorFlow
+  runs float32 matmuls and convolutions with 10-bit mantissa inputs by default,
+  about 1e-3 relative error, and a bound computed that way is not a proof. Called
+  at import and by every bound computation (a user may have turned TF32 back on);
+  it logs once when it changes the setting."""
+  if tf.config.experimental.tensor_float_32_execution_enabled():
+    tf.config.experimental.enable_tensor_float_32_execution(False)
+    if not getattr(true_float32, "warned", False):
+      true_float32.warned = True
+      tf.get_logger().warning(
+          "mixtrain_tf turned TensorFloat-32 off: bounds need true float32.")
+
+
+tf.config.experimental.enable_tensor_float_32_execution(False)
 DEFAULT_MEMORY_BUDGET_MB = 1024
 
 
@@ -226,6 +243,7 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
   have no tensor-dependent Python control flow, so AutoGraph is kept out: it once
   failed converting the bound graph's construction on first use in a trace.
   """
+  true_float32()
   graph = bound_graph(model)
   method = BoundMethod(method).value
   # An empty batch runs as one all-zero example, sliced away: the engines'

@@ -412,3 +412,20 @@ def test_non_positive_memory_budget_is_an_error():
   x = np.zeros((2, 28, 28, 1), np.float32)
   with pytest.raises(ValueError, match="memory_budget_mb must be > 0"):
     mixtrain_tf.compute_bounds(model, x, 0.1, memory_budget_mb=0)
+
+
+# -- true float32 -------------------------------------------------------------------
+
+
+def test_tensor_float_32_is_off_for_every_bound(tmp_path):
+  """TF32 (10-bit mantissa matmuls on Ampere+ GPUs) is off after import, and a bound
+  computation turns it off again if a user re-enabled it, also when the bound is
+  traced inside a compiled function."""
+  assert not tf.config.experimental.tensor_float_32_execution_enabled()
+  tf.config.experimental.enable_tensor_float_32_execution(True)
+  try:
+    fn = tf.function(lambda x: api.ball_margins(NET, x, tf.zeros(3, tf.int32), 0.1))
+    fn(tf.constant(_x()))
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+  finally:
+    tf.config.experimental.enable_tensor_float_32_execution(False)
