@@ -113,8 +113,8 @@ def test_refuses_what_cannot_be_a_proof():
   net = networks.build("mnist_small")
   with pytest.raises(ValueError, match="return_equation needs method='symbolic'"):
     BoundLayer(net, "interval", return_equation=True)
-  with pytest.raises(ValueError, match="unknown bound method 'crown'"):
-    BoundLayer(net, "crown")
+  with pytest.raises(ValueError, match="unknown bound method 'deeppoly'"):
+    BoundLayer(net, "deeppoly")
   with pytest.raises(ValueError, match="greater than clip_max"):
     BoundLayer(net, clip_min=1.0, clip_max=0.0)
   with pytest.raises(ValueError, match="divide them by 255"):
