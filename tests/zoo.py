@@ -1,9 +1,11 @@
 """The shared model zoo of the bound tests: small random networks of every supported
 layer kind, the authors' MNIST_Small, and the helpers the bound tests share (boxes,
-samples in them, tolerance-aware comparisons).
+samples in them, tolerance-aware comparisons), and the builders and loss helpers
+that the MixTrainModel and callback tests share.
 
-Every network has random weights with many unstable ReLUs and is built once
-(`functools.cache`). Tolerances are for float32 rounding only: RTOL relative to the
+Every random network has random weights with many unstable ReLUs and is built once
+(`functools.cache`); the training builders return a fresh, seeded network each
+call. Tolerances are for float32 rounding only: RTOL relative to the
 scale of the bounds.
 """
 
@@ -16,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mixtrain_tf import data, pretrained
+from mixtrain_tf import data, networks, pretrained, training
 from mixtrain_tf.graph import bound_graph
 from mixtrain_tf.layers import InputNormalization
 
@@ -316,3 +318,49 @@ def mnist_test(n: int) -> tuple[np.ndarray, np.ndarray]:
 def authors_model() -> keras.Model:
   """The authors' MixTrain eps 0.3 MNIST_Small (docs/method.md 6)."""
   return pretrained.load_authors_mnist_small(AUTHORS_MIXTRAIN)
+
+
+# -- MixTrainModel builders and losses (training_test, callbacks_test) -------------
+
+TRAIN_EPS = 0.1  # the default radius of mixtrain_model
+TRAIN_BATCH = 8  # the size of the conftest mnist_batch fixture
+
+
+def mnist_small(seed: int = 0) -> keras.Model:
+  """A fresh MNIST_Small with seeded initial weights (not cached: training mutates)."""
+  keras.utils.set_random_seed(seed)
+  return networks.build("mnist_small")
+
+
+def linear_net() -> keras.Model:
+  """A fresh tiny supported network (flatten + dense) on MNIST-shaped inputs."""
+  keras.utils.set_random_seed(1)
+  inputs = keras.Input((28, 28, 1))
+  out = L.Dense(10)(L.Flatten()(inputs))
+  return keras.Model(inputs, out)
+
+
+def mixtrain_model(method: str, network: keras.Model | None = None, lr: float = 0.1,
+                   **kwargs) -> training.MixTrainModel:
+  """A MixTrainModel compiled with SGD(lr); epsilon TRAIN_EPS and 2 PGD steps unless
+  given, on network or a fresh mnist_small()."""
+  kwargs.setdefault("epsilon", TRAIN_EPS)
+  kwargs.setdefault("pgd_steps", 2)
+  model = training.MixTrainModel(network or mnist_small(), method=method, **kwargs)
+  model.compile(optimizer=keras.optimizers.SGD(lr))
+  return model
+
+
+def cross_entropy(y: np.ndarray, logits: np.ndarray) -> np.ndarray:
+  """Per-example softmax cross-entropy, float64."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  return -log_p[np.arange(len(y)), y]
+
+
+def zero_width_robust_loss(network, x, y) -> float:
+  """Cross-entropy of the margins z_j - z_y at x (the robust loss at eps = 0)."""
+  z = np.asarray(network(x, training=False), np.float64)
+  margins = z - z[np.arange(len(y)), y][:, None]
+  return float(cross_entropy(y, margins).mean())
