@@ -269,7 +269,7 @@ def test_assigned_alpha_reaches_an_existing_train_function(mnist_batch):
     (dict(alpha=1.5), "alpha"),
     (dict(alpha=-0.1), "alpha"),
     (dict(epsilon=-0.1), "epsilon"),
-    (dict(eval_bound="crown"), "eval_bound"),
+    (dict(eval_bound="deeppoly"), "eval_bound"),
 ])
 def test_bad_constructor_args(kwargs, match):
   with pytest.raises(ValueError, match=match):
