@@ -240,7 +240,7 @@ def test_evaluate_detects_unsound_margins_on_a_random_network(network, mnist):
                             [tf.shape(images)[0], 10]))
 
 
-@pytest.mark.parametrize("kwargs,match", [(dict(methods=("crown",)), "crown"),
+@pytest.mark.parametrize("kwargs,match", [(dict(methods=("deeppoly",)), "deeppoly"),
                                           (dict(attack_names=("fgsm",)), "fgsm")])
 def test_evaluate_rejects_unknown_names(kwargs, match, network, mnist):
   x, y = mnist
