@@ -136,6 +136,8 @@ def define_flags():
   flags.register_validator("curve_every", lambda v: v > 0, "--curve_every must be > 0.")
   flags.register_validator("train_epsilon", lambda v: v is None or 0 <= v <= 1,
                            "--train_epsilon must be in [0, 1].")
+  flags.register_validator("validation_size", lambda v: v >= 0,
+                           "--validation_size must be >= 0.")
   for name in ("max_train_examples", "max_eval_examples"):
     flags.register_validator(name, lambda v: v is None or v >= 1,
                              f"--{name} must be >= 1 (or unset for all examples).")
@@ -368,6 +370,9 @@ def run(argv_flags=FLAGS) -> dict:
   if f.method == "mixtrain" and f.k > f.batch_size // replicas:
     raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
                          f"{f.batch_size // replicas} ({replicas} replicas).")
+  if (f.dynamic_alpha and f.method not in ("clean", "pgd")
+      and not f.validation_size):
+    raise app.UsageError("--dynamic_alpha needs --validation_size > 0.")
   _check_paths(f)
   init_weights = _read_init_weights(f) if f.init_weights else None
   try:
@@ -445,8 +450,6 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
   cbs = [budget or ramp, _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
   validation = splits.validation
   if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
-    if validation is None:
-      raise app.UsageError("--dynamic_alpha needs --validation_size > 0.")
     start = (f.alpha_start_epoch if f.alpha_start_epoch is not None
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
     cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,

@@ -57,6 +57,8 @@ BAD_FLAGS = {
                                 r"--max_train_examples must be >= 1"),
     "zero_max_eval_examples": (["--max_eval_examples=0"],
                                r"--max_eval_examples must be >= 1"),
+    "negative_validation_size": (["--validation_size=-1"],
+                                 r"--validation_size must be >= 0"),
 }
 
 
@@ -155,6 +157,9 @@ BAD_INPUTS = {
         lambda d: ([f"--init_weights={_file(d / 'w.keras', b'not a zip')}"],
                    d / "run"),
         r"--init_weights: .*w\.keras could not be read as a Keras model: not a zip"),
+    "dynamic_alpha_without_validation": (
+        lambda d: (["--validation_size=0"], d / "run"),
+        r"--dynamic_alpha needs --validation_size > 0"),
     "finished_run": (
         lambda d: ([], _finished_run(d / "run")),
         r"--model_dir=.*run already holds a finished run.*new --model_dir.*"
