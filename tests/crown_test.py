@@ -13,7 +13,7 @@ import tensorflow as tf
 import zoo
 
 import mixtrain_tf
-from mixtrain_tf import api, crown
+from mixtrain_tf import api, attacks, crown
 from mixtrain_tf.graph import bound_graph
 
 CROWN = ("crown", "crown_ibp", "alpha_crown")
@@ -141,3 +141,24 @@ def test_tightness_order_on_the_authors_model_at_eps_03():
   assert counts["alpha_crown"] >= counts["crown"] + 4, counts
   correct = np.argmax(model.predict(x, verbose=0), 1) == y
   assert counts["alpha_crown"] <= correct.sum()
+
+
+@pytest.mark.skipif(not zoo.AUTHORS_MIXTRAIN.is_file(),
+                    reason="the authors' model is not in ../shared")
+def test_attacks_never_beat_crown_margins_on_the_authors_model():
+  """eps 0.3, 10 real test images: the margins PGD (margin objective, 3 restarts of
+  100 steps) and 2,000 random points reach stay below CROWN's and alpha-CROWN's
+  margin upper bounds, and no point either method verifies is broken."""
+  model = zoo.authors_model()
+  x, y = zoo.mnist_test(10)
+  eps = 0.3
+  adv = attacks.pgd(lambda z: model(z, training=False), x, y, eps, 100, 0.02, 3,
+                    loss="margin", seed=tf.constant([3, 4])).numpy()
+  points = np.concatenate([adv[:, None], zoo.samples(*zoo.box(x, eps), 2000, 5)], 1)
+  found = zoo.margins(zoo.logits_at(model, points), y)
+  broken = np.argmax(model.predict(adv, verbose=0), 1) != y
+  for method in ("crown", "alpha_crown"):
+    ub = mixtrain_tf.margin_upper_bounds(model, x, y, eps, method).numpy()
+    zoo.assert_inside(found, None, ub, what=f"authors' model margins ({method})")
+    proven = mixtrain_tf.verified(model, x, y, eps, method).numpy()
+    assert not np.any(proven & broken)
