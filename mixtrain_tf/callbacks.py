@@ -1,4 +1,4 @@
-"""Callbacks that steer MixTrain: the epsilon ramp, dynamic alpha (MIXTRAIN.md 4), a
+"""Callbacks that steer MixTrain: the epsilon ramp, dynamic alpha (docs/method.md 4), a
 wall-clock training budget, and a backup that resumes history and training time.
 
 They assign the model's non-trainable variables (`model.epsilon`, `model.alpha`),
@@ -61,7 +61,7 @@ class EpsilonRamp(keras.callbacks.Callback):
 class DynamicAlpha(keras.callbacks.Callback):
   """Adapts alpha (weight of the clean loss) once per epoch from validation metrics.
 
-  Rule (MIXTRAIN.md 4, constants configurable): after each epoch from
+  Rule (docs/method.md 4, constants configurable): after each epoch from
   `start_epoch` on, compare validation verified accuracy and clean accuracy with
   the previous epoch. If verified accuracy fell by more than `tolerance`, move alpha
   toward the robust term (alpha -= delta); else if clean accuracy fell by more than
