@@ -39,7 +39,7 @@ def define_flags():
                                  "0.3:flags/mnist_small_eps0.3.cfg"],
                     "epsilon:flagfile pairs; the epsilon is the test radius.")
   flags.DEFINE_list("methods", ["mixtrain", "symbolic", "interval", "pgd", "clean"],
-                    "Training methods (mixtrain_tf.training.METHODS).")
+                    "Training methods (mixtrain_tf.training.TRAINING_METHODS).")
   flags.DEFINE_float("budget_s", 600, "Training seconds per run.")
   flags.DEFINE_integer("jobs", 1, "Runs at once, each on its own share of the cores.")
   flags.DEFINE_list("cores", None, "CPU cores to use (default: all this process may "

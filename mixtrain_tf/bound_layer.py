@@ -31,9 +31,10 @@ class BoundLayer(keras.layers.Layer):
   point is verified iff every other entry is < 0. `method` is any of
   `api.BoundMethod`; `alpha_steps` sets alpha_crown's optimisation steps.
   `epsilon` is a scalar or one radius per example. With `return_equation=True`
-  (symbolic method, no labels) the output's symbolic equation is added (see `bounds.SymbolicBounds`): "center"
-  [batch, n], "input_coeffs" [batch, n, *input_shape] and "relax_coeffs_<i>"
-  [batch, n, *relu_shape] per ReLU layer. Bounds are always float32 (no autocast):
+  (symbolic method, no labels) the output's symbolic equation is added (see
+  `bounds.SymbolicBounds`): "center" [batch, n], "input_coeffs"
+  [batch, n, *input_shape] and "relax_coeffs_<i>" [batch, n, *relu_shape] per
+  ReLU layer. Bounds are always float32 (no autocast):
   a float16 bound is not a proof. Inputs are checked like `api.input_box` does.
 
   Saving: the layer's config holds its network, and `.keras` files store each

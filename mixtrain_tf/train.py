@@ -34,8 +34,17 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from mixtrain_tf import (attacks, callbacks, data, evaluation, export, networks,
-                         rundir, training)
+from mixtrain_tf import (
+  api,
+  attacks,
+  callbacks,
+  data,
+  evaluation,
+  export,
+  networks,
+  rundir,
+  training,
+)
 
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
@@ -49,9 +58,19 @@ RESUME_MAY_DIFFER = ("model_dir", "data_dir", "overwrite", "export",
 def define_flags():
   """Defines the training flags (once per process)."""
   before = set(FLAGS)
+  _define_method_flags()
+  _define_data_flags()
+  _define_schedule_flags()
+  _define_evaluation_flags()
+  _FLAG_NAMES[:] = sorted(set(FLAGS) - before)
+  _register_validators()
+
+
+def _define_method_flags():
   flags.DEFINE_enum("dataset", "mnist", data.DATASETS, "Dataset.")
   flags.DEFINE_enum("network", "mnist_small", networks.NAMES, "Network.")
-  flags.DEFINE_enum("method", "mixtrain", training.METHODS, "Training method.")
+  flags.DEFINE_enum("method", "mixtrain", training.TRAINING_METHODS,
+                    "Training method.")
   flags.DEFINE_float("epsilon", 0.1, "L-inf radius of the final test evaluation, in "
                      "[0, 1] pixel units.")
   flags.DEFINE_float("train_epsilon", None, "Radius that training ramps to "
@@ -65,6 +84,9 @@ def define_flags():
   flags.DEFINE_list("lr_decay_epochs", [], "Epochs after which the LR is multiplied "
                     "by --lr_decay_factor.")
   flags.DEFINE_float("lr_decay_factor", 0.1, "LR decay factor.")
+
+
+def _define_data_flags():
   flags.DEFINE_string("model_dir", None, "Output directory (required).")
   flags.DEFINE_string("data_dir", None, "Dataset directory (default: TFDS_DATA_DIR "
                       "or ../shared/tfds; for imagenet200 the Tiny ImageNet folder).")
@@ -82,6 +104,9 @@ def define_flags():
   flags.DEFINE_boolean("shuffle", True, "Reshuffle the training data every epoch.")
   flags.DEFINE_boolean("augment", None, "Augment training data (default: on for "
                        "cifar10 and imagenet200).")
+
+
+def _define_schedule_flags():
   flags.DEFINE_float("alpha", 0.5, "Initial weight of the clean loss.")
   flags.DEFINE_boolean("dynamic_alpha", True, "Adapt alpha every epoch.")
   flags.DEFINE_float("alpha_delta", 0.05, "Dynamic alpha step.")
@@ -93,7 +118,10 @@ def define_flags():
   flags.DEFINE_integer("eps_ramp_epochs", 10, "Epochs of the linear epsilon ramp.")
   flags.DEFINE_integer("eps_warmup_epochs", 0, "Epochs at eps_start before the ramp.")
   flags.DEFINE_boolean("eps_ramp_per_step", True, "Ramp every step (else per epoch).")
-  flags.DEFINE_enum("eval_bound", "symbolic", ["interval", "symbolic"],
+
+
+def _define_evaluation_flags():
+  flags.DEFINE_enum("eval_bound", "symbolic", list(api.METHODS),
                     "Bound for validation verified accuracy.")
   flags.DEFINE_integer("pgd_steps", None, "PGD steps (pgd training and evaluation; "
                        "default: per dataset, attacks.PGD_DEFAULTS).")
@@ -118,7 +146,8 @@ def define_flags():
   flags.DEFINE_float("curve_every", 1.0, "Epochs (schedule epochs under "
                      "--time_budget_s) between two curve points.")
 
-  _FLAG_NAMES[:] = sorted(set(FLAGS) - before)
+
+def _register_validators():
   flags.mark_flag_as_required("model_dir")
   flags.register_validator("epsilon", lambda v: 0 <= v <= 1,
                            "--epsilon must be in [0, 1] (pixel units).")
@@ -141,6 +170,10 @@ def define_flags():
   for name in ("max_train_examples", "max_eval_examples"):
     flags.register_validator(name, lambda v: v is None or v >= 1,
                              f"--{name} must be >= 1 (or unset for all examples).")
+  _register_cross_flag_validators()
+
+
+def _register_cross_flag_validators():
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
       lambda f: f["method"] != "mixtrain" or f["k"] <= f["batch_size"],
@@ -151,8 +184,8 @@ def define_flags():
       "--network does not take --dataset's images (mnist_* for mnist/fashion_mnist, "
       "cifar_* for cifar10, imagenet200_resnet for imagenet200).")
   flags.register_multi_flags_validator(
-      ["final_methods"], lambda f: set(f["final_methods"]) <= {"interval", "symbolic"},
-      "--final_methods takes interval and/or symbolic.")
+      ["final_methods"], lambda f: set(f["final_methods"]) <= set(api.METHODS),
+      f"--final_methods takes {', '.join(api.METHODS)}.")
 
 
 def _network_fits(dataset: str, network: str) -> bool:
@@ -404,6 +437,33 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
            init_weights: list | None, pgd: dict) -> dict:
   """Trains into out_dir (checked and locked), evaluates and exports."""
   keras.utils.set_random_seed(f.seed)
+  splits = _load_data(f)
+  rundir.write_text(os.path.join(out_dir, "flags.txt"),
+                    "".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
+  network, model = _compile(f, strategy, init_weights, pgd,
+                            int(splits.train.cardinality()))
+  cbs, epochs, backup = _callbacks(f, network, splits, out_dir, chief)
+  model.fit(splits.train, validation_data=splits.validation, epochs=epochs,
+            callbacks=cbs, shuffle=False,  # the pipeline shuffles
+            verbose=1 if sys.stdout.isatty() else 2)
+  train_seconds = backup.train_seconds()
+  # Peak resident memory of this process so far (training, data, TensorFlow).
+  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  rundir.write_json(os.path.join(out_dir, "history.json"), backup.history())
+  rundir.save_keras(network, os.path.join(out_dir, "network.keras"))
+  if not chief:
+    return {"train_seconds": round(train_seconds, 1), "task": task}
+  metrics = {
+      "train_seconds": round(train_seconds, 1),
+      "train_peak_rss_mb": round(peak_mb, 1),
+      "epochs": backup.epochs[-1]["epoch"] + 1 if backup.epochs else f.epochs,
+      "flags": {name: f[name].value for name in _FLAG_NAMES},
+      "done": ["training"],
+  }
+  return _evaluate_and_export(f, network, splits, metrics, pgd)
+
+
+def _load_data(f) -> data.Splits:
   augment = f.augment if f.augment is not None else f.dataset in ("cifar10",
                                                                   "imagenet200")
   splits = data.load_splits(
@@ -417,8 +477,11 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
         tf.data.experimental.AutoShardPolicy.DATA)
     splits = data.Splits(*(None if d is None else d.with_options(options)
                            for d in (splits.train, splits.validation, splits.test)))
-  rundir.write_text(os.path.join(out_dir, "flags.txt"),
-                    "".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
+  return splits
+
+
+def _compile(f, strategy, init_weights, pgd: dict, steps: int):
+  """The network and its compiled MixTrainModel, built in the strategy's scope."""
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
     if init_weights is not None:
@@ -426,7 +489,6 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
     model = training.MixTrainModel(
         network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
         eval_bound=f.eval_bound, seed=f.seed, **pgd)
-    steps = int(splits.train.cardinality())
     lr = f.learning_rate
     if f.lr_decay_epochs and not f.time_budget_s:
       bounds = [int(e) * steps for e in f.lr_decay_epochs]
@@ -436,6 +498,11 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
     opt = (keras.optimizers.Adam(lr) if f.optimizer == "adam"
            else keras.optimizers.SGD(lr, momentum=0.9))
     model.compile(optimizer=opt, jit_compile=False)
+  return network, model
+
+
+def _callbacks(f, network, splits, out_dir: str, chief: bool):
+  """(callbacks, epochs to fit, the ResumableBackup) of one run."""
   train_epsilon = f.train_epsilon if f.train_epsilon is not None else f.epsilon
   ramp = callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
                                warmup_epochs=f.eps_warmup_epochs,
@@ -448,7 +515,6 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
         lambda e: f.learning_rate * f.lr_decay_factor**sum(e >= d for d in decay_at))
     epochs = _BUDGET_MAX_EPOCHS
   cbs = [budget or ramp, _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
-  validation = splits.validation
   if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
     start = (f.alpha_start_epoch if f.alpha_start_epoch is not None
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
@@ -472,24 +538,12 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
   if chief:
     # Epoch summaries are written at step = epoch, which a resumed fit() continues.
     cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
-  model.fit(splits.train, validation_data=validation, epochs=epochs,
-            callbacks=cbs, shuffle=False,  # the pipeline shuffles
-            verbose=1 if sys.stdout.isatty() else 2)
-  train_seconds = backup.train_seconds()
-  # Peak resident memory of this process so far (training, data, TensorFlow).
-  peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  rundir.write_json(os.path.join(out_dir, "history.json"), backup.history())
-  rundir.save_keras(network, os.path.join(out_dir, "network.keras"))
-  if not chief:
-    return {"train_seconds": round(train_seconds, 1), "task": task}
+  return cbs, epochs, backup
+
+
+def _evaluate_and_export(f, network, splits, metrics: dict, pgd: dict) -> dict:
+  """The chief's final test evaluation and SavedModel; each step recorded."""
   metrics_path = os.path.join(f.model_dir, "metrics.json")
-  metrics = {
-      "train_seconds": round(train_seconds, 1),
-      "train_peak_rss_mb": round(peak_mb, 1),
-      "epochs": backup.epochs[-1]["epoch"] + 1 if backup.epochs else f.epochs,
-      "flags": {name: f[name].value for name in _FLAG_NAMES},
-      "done": ["training"],
-  }
   rundir.write_json(metrics_path, metrics)  # training's results are kept now
   with _step(metrics, metrics_path, "evaluation"):
     logging.info("final evaluation on the test split at epsilon %g", f.epsilon)
@@ -509,7 +563,7 @@ def _train(f, strategy, chief: bool, task: str, out_dir: str,
                       + [f"verified[{k}] {v['accuracy']:.4f}"
                          for k, v in result["verified"].items()])
   print(f"test ({result['examples']} examples, eps {f.epsilon}): {summary}; "
-        f"train {train_seconds:.0f} s")
+        f"train {metrics['train_seconds']:.0f} s")
   return metrics
 
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from mixtrain_tf import api, attacks
 
-METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic")
+TRAINING_METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic")
 
 
 def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
@@ -54,7 +54,7 @@ class MixTrainModel(keras.Model):
 
   Args:
     network: a built Keras model of supported layers, images -> logits.
-    method: one of METHODS.
+    method: one of TRAINING_METHODS.
     epsilon: initial L-inf radius (an `EpsilonRamp` callback may change it).
     k: points per replica batch that get the robust loss ("mixtrain").
     alpha: initial weight of the clean loss (a `DynamicAlpha` callback adapts it).
@@ -70,8 +70,9 @@ class MixTrainModel(keras.Model):
                pgd_step_size: float = 0.01, clip_min: float = 0.0,
                clip_max: float = 1.0, seed: int = 0, **kwargs):
     super().__init__(**kwargs)
-    if method not in METHODS:
-      raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
+    if method not in TRAINING_METHODS:
+      raise ValueError(f"unknown method {method!r}; choose one of "
+                       f"{TRAINING_METHODS}.")
     if k < 1:
       raise ValueError(f"k must be >= 1, got {k}.")
     if eval_bound not in api.METHODS:

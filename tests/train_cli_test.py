@@ -517,6 +517,7 @@ def test_finished_run_is_never_overwritten_unless_asked(parse_flags, tmp_path):
 def test_read_only_model_dir_fails_before_any_work(parse_flags, tmp_path,
                                                    monkeypatch):
   from absl import app
+
   from mixtrain_tf import rundir
   model_dir = tmp_path / "ro" / "run"
   (tmp_path / "ro").mkdir()
