@@ -4,8 +4,9 @@ r"""Clean, attacked and verified accuracy of a trained model on a test set.
         --methods=interval,symbolic --attacks=pgd,interval --output=eval.json
 
 --model is a training run's --model_dir (its network.keras), a `.keras` file, or a
-SavedModel directory written by `mixtrain_tf.export` (then only the symbolic method
-and the PGD attack are available: the SavedModel carries the bounds, not layers).
+SavedModel directory written by `mixtrain_tf.export` (then only the bound method it
+was exported with, symbolic by default, and the PGD attack are available: the
+SavedModel carries the bounds, not layers).
 The JSON holds, per method and attack: accuracy, count and seconds; the invariant
 verified <= attacked <= clean is checked (a violation means a bug and is an error).
 """
@@ -86,19 +87,30 @@ def load_model(path: str):
     def predict_fn(x):
       return serve(images=x)["logits"]
 
+    saved_method = saved_bound_method(loaded)
+
     def margins_fn(x, y, epsilon, method):
-      if method != "symbolic":
-        raise ValueError(f"a SavedModel carries symbolic bounds only, not {method!r}; "
-                         "use --methods=symbolic or pass the network.keras file.")
+      if method != saved_method:
+        raise ValueError(f"this SavedModel carries {saved_method} bounds, not "
+                         f"{method!r}; use --methods={saved_method} or pass the "
+                         "network.keras file.")
       return margins(images=x, labels=tf.cast(y, tf.int32),
                      epsilon=tf.constant(epsilon, tf.float32))["margin_upper"]
 
     predict_fn.saved_model = loaded  # the signatures need the loaded variables
+    predict_fn.bound_method = saved_method
     predict_fn.input_shape = tuple(serve.structured_input_signature[1][
         "images"].shape[1:])
     return None, predict_fn, margins_fn
   raise EvaluateError(f"--model={path}: not a training --model_dir (with "
                       "network.keras), a .keras file or a SavedModel directory.")
+
+
+def saved_bound_method(loaded) -> str:
+  """The bound method a SavedModel's signatures compute ("symbolic" before it was
+  recorded)."""
+  var = getattr(loaded, "bound_method", None)
+  return var.numpy().decode() if var is not None else "symbolic"
 
 
 def check_output(path: str | None) -> None:
@@ -135,10 +147,11 @@ def run() -> dict:
   test = data.load(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
                    batch_size=FLAGS.batch_size, max_examples=FLAGS.num_examples)
   network, predict_fn, margins_fn = load_model(FLAGS.model)
-  if network is None and (set(FLAGS.methods) - {"symbolic"}
+  if network is None and (set(FLAGS.methods) - {predict_fn.bound_method}
                           or "interval" in FLAGS.attacks):
-    raise EvaluateError("a SavedModel supports --methods=symbolic and "
-                        "--attacks=pgd only; pass network.keras for the rest.")
+    raise EvaluateError(f"this SavedModel supports --methods="
+                        f"{predict_fn.bound_method} and --attacks=pgd only; pass "
+                        "network.keras for the rest.")
   want = tuple(data.input_shape(FLAGS.dataset))
   got = (tuple(network.inputs[0].shape[1:]) if network is not None
          else predict_fn.input_shape)

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import mixtrain_tf
 from mixtrain_tf import api, data, evaluation, export, networks, pretrained
+from mixtrain_tf import evaluate as evaluate_cli
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -265,3 +266,17 @@ def test_export_uses_clip_range(network, mnist, tmp_path):
     bounds(images=tf.constant(x[:4]), epsilon=tf.constant(0.05))
   with pytest.raises(ValueError, match="input domain"):
     api.compute_bounds(network, x[:4], 0.05, "symbolic", clip_min=0.2, clip_max=0.8)
+
+
+def test_saved_model_with_crown_bounds_records_its_method(network, mnist, tmp_path):
+  x, y = mnist
+  x, y = x[:4], y[:4]
+  export.export_saved_model(network, str(tmp_path / "sm"), method="crown")
+  loaded = tf.saved_model.load(str(tmp_path / "sm"))
+  assert evaluate_cli.saved_bound_method(loaded) == "crown"
+  out = loaded.signatures["margins"](images=tf.constant(x), labels=tf.constant(
+      y, tf.int32), epsilon=tf.constant(0.1))["margin_upper"]
+  np.testing.assert_allclose(out, api.margin_upper_bounds(network, x, y, 0.1, "crown"),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown bound method"):
+    export.export_saved_model(network, str(tmp_path / "bad"), method="deeppoly")
