@@ -126,11 +126,18 @@ def _check_x_eagerly(x: np.ndarray, lo: float, hi: float, tol: float) -> None:
       "ball would not contain x, so a proof would be about other images." + hint)
 
 
+def _refuse_string(epsilon) -> None:
+  if isinstance(epsilon, (str, bytes)):
+    raise ValueError(f"epsilon must be a number, got the string {epsilon!r}; pass "
+                     "float(...).")
+
+
 def check_ball(x: np.ndarray, epsilon, clip_min: float = 0.0,
                clip_max: float = 1.0) -> None:
   """Raises ValueError unless the clipped ball around x [batch, ...] can carry a
   proof (see `input_box`); for numpy callers such as the VNNLIB writer."""
   lo, hi = _domain(clip_min, clip_max)
+  _refuse_string(epsilon)
   try:
     value = np.asarray(epsilon, np.float64)
   except (TypeError, ValueError):
@@ -158,9 +165,7 @@ def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
   """
   lo, hi = _domain(clip_min, clip_max)
   tol = ROUND_OFF * max(1.0, abs(lo), abs(hi))
-  if isinstance(epsilon, (str, bytes)):
-    raise ValueError(f"epsilon must be a number, got the string {epsilon!r}; pass "
-                     "float(...).")
+  _refuse_string(epsilon)  # a string would reach tf.cast in graph mode
   if tf.executing_eagerly():
     check_ball(np.asarray(x), epsilon, lo, hi)
     checks = []
@@ -298,8 +303,7 @@ def _check(model, x, method, y=None, clip=(0.0, 1.0)):
 
 def _per_example(epsilon, x, clip_min, clip_max) -> tf.Tensor:
   """epsilon as one radius per example (checked first), so chunks carry theirs."""
-  if isinstance(epsilon, (str, bytes)):
-    input_box(x[:0], epsilon, clip_min, clip_max)  # raises the string error
+  _refuse_string(epsilon)
   if tf.executing_eagerly():
     check_ball(x.numpy(), epsilon, clip_min, clip_max)
   eps = tf.cast(epsilon, tf.float32)
