@@ -233,14 +233,18 @@ def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
   lower, upper = input_box(x, epsilon, clip_min, clip_max)
   n_out = int(np.prod(bound_graph(model).output_shape))
   return bound_box(model, lower, upper, method, spec=margin_spec(y, n_out),
-                   alpha_steps=alpha_steps).upper
+                   alpha_steps=alpha_steps, upper_only=True).upper
 
 
 @tf.autograph.experimental.do_not_convert
 def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
               method: str = "symbolic", spec: tf.Tensor | None = None,
-              alpha_steps: int | None = None) -> IntervalBounds | SymbolicBounds:
+              alpha_steps: int | None = None, upper_only: bool = False
+              ) -> IntervalBounds | SymbolicBounds:
   """Bounds of the output (or spec @ output) over the box [lower, upper].
+
+  `upper_only`: the caller reads only `.upper` (margins); the CROWN family then
+  skips the lower bounds' backward pass and returns -inf lower bounds.
 
   No input checks and no chunking: the building block for training steps
   (works inside `tf.function`). `spec` is [batch, m, num_outputs]. `alpha_steps`:
@@ -266,7 +270,8 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
   elif method == BoundMethod.SYMBOLIC:
     out = symbolic.bounds(graph, _plan(graph), lower, upper, spec)
   else:
-    out = crown.bounds(graph, lower, upper, spec, method, alpha_steps)
+    out = crown.bounds(graph, lower, upper, spec, method, alpha_steps,
+                       upper_only=upper_only)
   return _map_tensors(lambda t: t[:n], out)
 
 

@@ -15,9 +15,16 @@ from collections.abc import Callable
 
 import keras
 
+from mixtrain_tf import recipes
+
 
 class EpsilonRamp(keras.callbacks.Callback):
-  """Raises epsilon linearly from `start` to `target` over `ramp_epochs` epochs.
+  """Raises epsilon from `start` to `target` over `ramp_epochs` epochs.
+
+  The ramp is linear, or with `shape="smooth"` polynomial then linear
+  (`recipes.smooth_fraction`, the IBP recipes' shape). The fraction of the ramp
+  done is also assigned to `model.progress` when the model has it (the IBP
+  family's kappa, beta and regulariser schedules follow it).
 
   Args:
     target: final epsilon.
@@ -25,37 +32,56 @@ class EpsilonRamp(keras.callbacks.Callback):
     start: epsilon at the first step.
     warmup_epochs: epochs at `start` before the ramp begins.
     per_step: update every step (smooth) or once per epoch.
+    shape: "linear" or "smooth".
   """
 
+  SHAPES = ("linear", "smooth")
+
   def __init__(self, target: float, ramp_epochs: int, start: float = 0.0,
-               warmup_epochs: int = 0, per_step: bool = True):
+               warmup_epochs: int = 0, per_step: bool = True,
+               shape: str = "linear"):
     super().__init__()
     if target < 0 or start < 0:
       raise ValueError(f"epsilon must be >= 0, got start={start} target={target}.")
+    if shape not in self.SHAPES:
+      raise ValueError(f"unknown ramp shape {shape!r}; choose one of {self.SHAPES}.")
+    self.shape = shape
     self.target, self.start = float(target), float(start)
     self.ramp_epochs, self.warmup_epochs = int(ramp_epochs), int(warmup_epochs)
     self.per_step = per_step
     self._epoch = 0
 
-  def value(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
-    """Epsilon at `step` of `epoch` (both from 0; `epoch` may be fractional)."""
+  def fraction(self, epoch: float, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """Fraction of the ramp done at `step` of `epoch` (both from 0; `epoch` may be
+    fractional), before the ramp's shape."""
     progress = epoch - self.warmup_epochs
     if self.per_step:
       progress += step / max(1, steps_per_epoch)
     if self.ramp_epochs <= 0:
-      frac = 1.0 if progress >= 0 else 0.0
-    else:
-      frac = min(1.0, max(0.0, progress / self.ramp_epochs))
+      return 1.0 if progress >= 0 else 0.0
+    return min(1.0, max(0.0, progress / self.ramp_epochs))
+
+  def value(self, epoch: float, step: int = 0, steps_per_epoch: int = 1) -> float:
+    """Epsilon at `step` of `epoch`."""
+    frac = self.fraction(epoch, step, steps_per_epoch)
+    if self.shape == "smooth":
+      frac = recipes.smooth_fraction(frac)
     return self.start + (self.target - self.start) * frac
+
+  def apply(self, model, epoch: float, step: int = 0, steps_per_epoch: int = 1):
+    """Assigns epsilon (and `progress`, when the model has it) for that moment."""
+    model.epsilon.assign(self.value(epoch, step, steps_per_epoch))
+    if hasattr(model, "progress"):
+      model.progress.assign(self.fraction(epoch, step, steps_per_epoch))
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
-    self.model.epsilon.assign(self.value(epoch))
+    self.apply(self.model, epoch)
 
   def on_train_batch_begin(self, batch, logs=None):
     if self.per_step:
       steps = (self.params or {}).get("steps") or 1
-      self.model.epsilon.assign(self.value(self._epoch, batch, steps))
+      self.apply(self.model, self._epoch, batch, steps)
 
 
 class DynamicAlpha(keras.callbacks.Callback):
@@ -177,7 +203,7 @@ class TimeBudget(keras.callbacks.Callback):
 
   def _apply(self):
     e = self.schedule_epoch()
-    self.model.epsilon.assign(self.ramp.value(e if self.ramp.per_step else int(e)))
+    self.ramp.apply(self.model, e if self.ramp.per_step else int(e))
     if self.learning_rate is not None:
       self.model.optimizer.learning_rate = self.learning_rate(e)
 

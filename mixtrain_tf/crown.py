@@ -170,12 +170,15 @@ def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBoun
                         scatter(up, ub[:, :k], tf.minimum))
 
 
-def _output_rows(graph: BoundGraph, spec, batch) -> tf.Tensor:
-  """[B, 2m, *out_shape]: the spec rows (or identity) and their negatives."""
+def _output_rows(graph: BoundGraph, spec, batch, upper_only: bool) -> tf.Tensor:
+  """[B, 2m, *out_shape]: the spec rows (or identity) and their negatives; only
+  the rows themselves ([B, m, ...]) when `upper_only`."""
   if spec is None:
-    return _identity_rows(graph.output_shape, batch)
+    rows = _identity_rows(graph.output_shape, batch)
+    n = int(np.prod(graph.output_shape))
+    return rows[:, :n] if upper_only else rows
   rows = tf.reshape(spec, tf.concat([tf.shape(spec)[:2], graph.output_shape], 0))
-  return tf.concat([rows, -rows], axis=1)
+  return rows if upper_only else tf.concat([rows, -rows], axis=1)
 
 
 def _optimise_slopes(graph, rows, pre, box, steps: int) -> tf.Tensor:
@@ -209,22 +212,26 @@ def _optimise_slopes(graph, rows, pre, box, steps: int) -> tf.Tensor:
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
            spec: tf.Tensor | None = None, method: str = "crown",
-           alpha_steps: int | None = None, splits: dict | None = None
-           ) -> IntervalBounds:
+           alpha_steps: int | None = None, splits: dict | None = None,
+           upper_only: bool = False) -> IntervalBounds:
   """Bounds of the output (or of spec [B, m, n_out] @ output), [B, m].
 
-  With `splits` (see `pre_activation_bounds`) the bounds hold on the subdomain."""
+  With `splits` (see `pre_activation_bounds`) the bounds hold on the subdomain.
+  `upper_only` skips the lower bounds' backward pass (half the output pass) and
+  returns -inf for them (trivially sound): margins need only upper bounds."""
   if method not in METHODS:
     raise ValueError(f"unknown CROWN method {method!r}; choose one of {METHODS}.")
   box = IntervalBounds(lower, upper)
   pre = pre_activation_bounds(graph, box, method, splits)
   batch = tf.shape(lower)[0]
-  rows = _output_rows(graph, spec, batch)
+  rows = _output_rows(graph, spec, batch, upper_only)
   if method == "alpha_crown":
     steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
     ub = _optimise_slopes(graph, rows, pre, box, steps)
   else:
     ub = backward_upper(graph, graph.output, rows, pre, box)
+  if upper_only:
+    return IntervalBounds(tf.fill(tf.shape(ub), -np.inf), ub)
   m = tf.shape(rows)[1] // 2
   return IntervalBounds(-ub[:, m:], ub[:, :m])
 

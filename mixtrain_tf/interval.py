@@ -44,11 +44,22 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
   margins then get the interval bound of one affine map of the layer's input
   (tighter than subtracting logit bounds).
   """
+  return bounds_and_nodes(graph, lower, upper, spec)[0]
+
+
+def bounds_and_nodes(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
+                     spec: tf.Tensor | None = None
+                     ) -> tuple[IntervalBounds, list[IntervalBounds]]:
+  """`bounds` and the interval bounds of the nodes it computed on the way (every
+  node, or every node but an affine last one when a spec is folded into it): one
+  pass for training losses that also read intermediate bounds."""
   last = graph.nodes[-1]
   if spec is None:
-    return node_bounds(graph, lower, upper)[-1]
+    nodes = node_bounds(graph, lower, upper)
+    return nodes[-1], nodes
   if isinstance(last.op, ops.AffineOp):
-    pre = node_bounds(graph, lower, upper, stop=len(graph.nodes) - 1)[last.inputs[0]]
+    nodes = node_bounds(graph, lower, upper, stop=len(graph.nodes) - 1)
+    pre = nodes[last.inputs[0]]
     op = last.op
     rows = op.transpose(tf.reshape(spec, tf.concat(
         [tf.shape(spec)[:2], op.out_shape], 0)))  # [B, m, *in_shape]
@@ -59,9 +70,9 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
       center += tf.linalg.matvec(spec, tf.reshape(
           tf.broadcast_to(b, (1,) + tuple(op.out_shape)), [-1]))
     rad = ops.rowdot(tf.abs(rows), pre.radius)
-    return IntervalBounds(center - rad, center + rad)
-  out = node_bounds(graph, lower, upper)[-1]
+    return IntervalBounds(center - rad, center + rad), nodes
+  nodes = node_bounds(graph, lower, upper)
+  out = nodes[-1]
   c = tf.linalg.matvec(spec, ops.flat(out.center))
   r = tf.linalg.matvec(tf.abs(spec), ops.flat(out.radius))
-  return IntervalBounds(c - r, c + r)
-
+  return IntervalBounds(c - r, c + r), nodes

@@ -42,6 +42,7 @@ from mixtrain_tf import (
   evaluation,
   export,
   networks,
+  recipes,
   rundir,
   training,
 )
@@ -61,6 +62,7 @@ def define_flags():
   _define_method_flags()
   _define_data_flags()
   _define_schedule_flags()
+  _define_recipe_flags()
   _define_evaluation_flags()
   _FLAG_NAMES[:] = sorted(set(FLAGS) - before)
   _register_validators()
@@ -120,6 +122,30 @@ def _define_schedule_flags():
   flags.DEFINE_boolean("eps_ramp_per_step", True, "Ramp every step (else per epoch).")
 
 
+def _define_recipe_flags():
+  flags.DEFINE_enum("eps_ramp_shape", "linear", callbacks.EpsilonRamp.SHAPES,
+                    "Shape of the epsilon ramp: linear, or smooth (polynomial then "
+                    "linear, as the IBP recipes).")
+  flags.DEFINE_float("kappa_start", 1.0, "Clean-loss weight at the start of the eps "
+                     "ramp (ibp, crown_ibp, mtl_ibp).")
+  flags.DEFINE_float("kappa_end", 0.0, "Clean-loss weight at the end of the ramp.")
+  flags.DEFINE_float("beta_start", 1.0, "CROWN-IBP weight at the start of the ramp "
+                     "(crown_ibp).")
+  flags.DEFINE_float("beta_end", 0.0, "CROWN-IBP weight at the end of the ramp.")
+  flags.DEFINE_float("ibp_weight", 0.5, "Weight of the IBP loss against the PGD loss "
+                     "(mtl_ibp).")
+  flags.DEFINE_float("reg_weight", 0.0, "Weight of the warm-up regularisers of Shi et "
+                     "al. 2021, fading over the ramp (IBP family; 0: off).")
+  flags.DEFINE_float("reg_tol", 0.5, "Tolerance of the warm-up regularisers.")
+  flags.DEFINE_enum("tight_bound", "symbolic", list(api.METHODS), "Bound of the k "
+                    "sampled points (mixtrain_ibp).")
+  flags.DEFINE_enum("init", "default", ["default", "ibp"], "Weight initialisation: "
+                    "Keras' default, or the IBP initialisation (Shi et al. 2021).")
+  flags.DEFINE_float("clip_norm", None, "Clip the global gradient norm to this.")
+  flags.DEFINE_integer("train_pgd_steps", None, "PGD steps of the training attack "
+                       "(pgd, mtl_ibp; default: --pgd_steps).")
+
+
 def _define_evaluation_flags():
   flags.DEFINE_enum("eval_bound", "symbolic", list(api.METHODS),
                     "Bound for validation verified accuracy.")
@@ -167,6 +193,15 @@ def _register_validators():
                            "--train_epsilon must be in [0, 1].")
   flags.register_validator("validation_size", lambda v: v >= 0,
                            "--validation_size must be >= 0.")
+  for name in ("kappa_start", "kappa_end", "beta_start", "beta_end", "ibp_weight"):
+    flags.register_validator(name, lambda v: 0 <= v <= 1,
+                             f"--{name} must be in [0, 1].")
+  flags.register_validator("reg_weight", lambda v: v >= 0, "--reg_weight must be >= 0.")
+  flags.register_validator("reg_tol", lambda v: v > 0, "--reg_tol must be > 0.")
+  flags.register_validator("clip_norm", lambda v: v is None or v > 0,
+                           "--clip_norm must be > 0.")
+  flags.register_validator("train_pgd_steps", lambda v: v is None or v >= 1,
+                           "--train_pgd_steps must be >= 1.")
   for name in ("max_train_examples", "max_eval_examples"):
     flags.register_validator(name, lambda v: v is None or v >= 1,
                              f"--{name} must be >= 1 (or unset for all examples).")
@@ -176,7 +211,8 @@ def _register_validators():
 def _register_cross_flag_validators():
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
-      lambda f: f["method"] != "mixtrain" or f["k"] <= f["batch_size"],
+      lambda f: f["method"] not in ("mixtrain", "mixtrain_ibp")
+      or f["k"] <= f["batch_size"],
       "--k must be <= --batch_size.")
   flags.register_multi_flags_validator(
       ["dataset", "network"],
@@ -186,6 +222,12 @@ def _register_cross_flag_validators():
   flags.register_multi_flags_validator(
       ["final_methods"], lambda f: set(f["final_methods"]) <= set(api.METHODS),
       f"--final_methods takes {', '.join(api.METHODS)}.")
+
+
+def _uses_alpha(method: str) -> bool:
+  """Whether the method's clean weight is `alpha` (dynamic alpha can steer it);
+  the IBP recipes schedule theirs (kappa) with the eps ramp."""
+  return method not in ("clean", "pgd", *training.KAPPA_SCHEDULED)
 
 
 def _network_fits(dataset: str, network: str) -> bool:
@@ -400,11 +442,10 @@ def run(argv_flags=FLAGS) -> dict:
   # Only the chief writes to --model_dir; other workers write their (identical)
   # outputs to model_dir/workers/<task>/, which can be deleted after training.
   out_dir = f.model_dir if chief else os.path.join(f.model_dir, "workers", task)
-  if f.method == "mixtrain" and f.k > f.batch_size // replicas:
+  if f.method in ("mixtrain", "mixtrain_ibp") and f.k > f.batch_size // replicas:
     raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
                          f"{f.batch_size // replicas} ({replicas} replicas).")
-  if (f.dynamic_alpha and f.method not in ("clean", "pgd")
-      and not f.validation_size):
+  if f.dynamic_alpha and _uses_alpha(f.method) and not f.validation_size:
     raise app.UsageError("--dynamic_alpha needs --validation_size > 0.")
   _check_paths(f)
   init_weights = _read_init_weights(f) if f.init_weights else None
@@ -486,17 +527,26 @@ def _compile(f, strategy, init_weights, pgd: dict, steps: int):
     network = networks.build(f.network, data.num_classes(f.dataset))
     if init_weights is not None:
       network.set_weights(init_weights)
+    elif f.init == "ibp":
+      recipes.ibp_init(network, seed=f.seed)
+    train_pgd = dict(pgd)
+    if f.train_pgd_steps:
+      train_pgd["pgd_steps"] = f.train_pgd_steps
     model = training.MixTrainModel(
         network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
-        eval_bound=f.eval_bound, seed=f.seed, **pgd)
+        eval_bound=f.eval_bound, seed=f.seed, kappa=(f.kappa_start, f.kappa_end),
+        beta=(f.beta_start, f.beta_end), ibp_weight=f.ibp_weight,
+        reg_weight=f.reg_weight, reg_tol=f.reg_tol, tight_bound=f.tight_bound,
+        **train_pgd)
     lr = f.learning_rate
     if f.lr_decay_epochs and not f.time_budget_s:
       bounds = [int(e) * steps for e in f.lr_decay_epochs]
       lr = keras.optimizers.schedules.PiecewiseConstantDecay(
           bounds, [f.learning_rate * f.lr_decay_factor**i
                    for i in range(len(bounds) + 1)])
-    opt = (keras.optimizers.Adam(lr) if f.optimizer == "adam"
-           else keras.optimizers.SGD(lr, momentum=0.9))
+    clip = {"global_clipnorm": f.clip_norm} if f.clip_norm else {}
+    opt = (keras.optimizers.Adam(lr, **clip) if f.optimizer == "adam"
+           else keras.optimizers.SGD(lr, momentum=0.9, **clip))
     model.compile(optimizer=opt, jit_compile=False)
   return network, model
 
@@ -506,7 +556,7 @@ def _callbacks(f, network, splits, out_dir: str, chief: bool):
   train_epsilon = f.train_epsilon if f.train_epsilon is not None else f.epsilon
   ramp = callbacks.EpsilonRamp(train_epsilon, f.eps_ramp_epochs, start=f.eps_start,
                                warmup_epochs=f.eps_warmup_epochs,
-                               per_step=f.eps_ramp_per_step)
+                               per_step=f.eps_ramp_per_step, shape=f.eps_ramp_shape)
   budget, epochs = None, f.epochs
   if f.time_budget_s:
     decay_at = sorted(int(e) for e in f.lr_decay_epochs)
@@ -515,7 +565,7 @@ def _callbacks(f, network, splits, out_dir: str, chief: bool):
         lambda e: f.learning_rate * f.lr_decay_factor**sum(e >= d for d in decay_at))
     epochs = _BUDGET_MAX_EPOCHS
   cbs = [budget or ramp, _EpochSeconds(), keras.callbacks.TerminateOnNaN()]
-  if f.dynamic_alpha and f.method != "clean" and f.method != "pgd":
+  if f.dynamic_alpha and _uses_alpha(f.method):
     start = (f.alpha_start_epoch if f.alpha_start_epoch is not None
              else f.eps_warmup_epochs + f.eps_ramp_epochs)
     cbs.append(callbacks.DynamicAlpha(f.alpha_delta, f.alpha_min, f.alpha_max,

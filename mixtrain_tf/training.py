@@ -14,7 +14,22 @@ selected by `method`:
 * "clean": cross-entropy only;
 * "pgd": Madry adversarial training (cross-entropy at PGD points);
 * "interval": alpha * clean + (1 - alpha) * robust with interval bounds on every point;
-* "symbolic": the same with symbolic bounds on every point (k = batch).
+* "symbolic": the same with symbolic bounds on every point (k = batch);
+
+and the IBP-family recipes (docs/method.md 9), whose clean-loss weight kappa and
+CROWN-IBP weight beta follow the eps ramp (`progress`, 0 to 1, set by `EpsilonRamp`)
+from their start to their end value, with optional warm-up regularisers
+(`reg_weight`, Shi et al. 2021) that fade out over the ramp:
+
+* "ibp": kappa * clean + (1 - kappa) * robust, interval bounds on every point
+  (Gowal et al. 2018; with `recipes.ibp_init` and the regularisers, Shi et al. 2021);
+* "crown_ibp": the same, the margins beta * CROWN-IBP + (1 - beta) * IBP
+  (Zhang et al. 2020);
+* "mtl_ibp": robust = (1 - ibp_weight) * cross-entropy at a PGD point +
+  ibp_weight * IBP loss (De Palma et al. 2024);
+* "mixtrain_ibp": MixTrain on top of IBP: alpha * clean + (1 - alpha) * robust, the
+  robust loss on every point, its margins IBP except on k sampled points, which get
+  the tighter `tight_bound` (and dynamic alpha, as MixTrain).
 
 `alpha` and `epsilon` are non-trainable variables, so callbacks that assign them
 change what the compiled step computes.
@@ -25,9 +40,14 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from mixtrain_tf import api, attacks
+from mixtrain_tf import api, attacks, recipes
 
-TRAINING_METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic")
+TRAINING_METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic", "ibp",
+                    "crown_ibp", "mtl_ibp", "mixtrain_ibp")
+# Methods whose robust loss is built on interval bounds of the whole batch (and can
+# take the warm-up regularisers); the first three schedule kappa over the ramp.
+IBP_FAMILY = ("ibp", "crown_ibp", "mtl_ibp", "mixtrain_ibp")
+KAPPA_SCHEDULED = ("ibp", "crown_ibp", "mtl_ibp")
 
 
 def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
@@ -59,16 +79,30 @@ class MixTrainModel(keras.Model):
     k: points per replica batch that get the robust loss ("mixtrain").
     alpha: initial weight of the clean loss (a `DynamicAlpha` callback adapts it).
     eval_bound: bound used for verified accuracy in `test_step`.
-    pgd_steps, pgd_step_size: the attack of the "pgd" method.
+    pgd_steps, pgd_step_size: the attack of the "pgd" method ("mtl_ibp" takes
+      pgd_steps, with steps of 2.5 epsilon / pgd_steps).
     clip_min, clip_max: valid input domain.
     seed: seed of the per-step sampling (replicas fold in their id).
+    kappa: (start, end) weight of the clean loss over the eps ramp ("ibp",
+      "crown_ibp", "mtl_ibp").
+    beta: (start, end) weight of CROWN-IBP in the margins over the ramp
+      ("crown_ibp").
+    ibp_weight: weight of the IBP loss against the PGD loss ("mtl_ibp").
+    reg_weight: weight of the warm-up regularisers, times (1 - progress) (IBP
+      family; 0 turns them off).
+    reg_tol: their tolerance.
+    tight_bound: the bound of the k sampled points ("mixtrain_ibp").
   """
 
   def __init__(self, network: keras.Model, method: str = "mixtrain",
                epsilon: float = 0.1, k: int = 5, alpha: float = 0.5,
                eval_bound: str = "symbolic", pgd_steps: int = 40,
                pgd_step_size: float = 0.01, clip_min: float = 0.0,
-               clip_max: float = 1.0, seed: int = 0, **kwargs):
+               clip_max: float = 1.0, seed: int = 0,
+               kappa: tuple[float, float] = (1.0, 0.0),
+               beta: tuple[float, float] = (1.0, 0.0), ibp_weight: float = 0.5,
+               reg_weight: float = 0.0, reg_tol: float = 0.5,
+               tight_bound: str = "symbolic", **kwargs):
     super().__init__(**kwargs)
     if method not in TRAINING_METHODS:
       raise ValueError(f"unknown method {method!r}; choose one of "
@@ -82,6 +116,17 @@ class MixTrainModel(keras.Model):
       raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
     if epsilon < 0:
       raise ValueError(f"epsilon must be >= 0, got {epsilon}.")
+    for name, pair in (("kappa", kappa), ("beta", beta)):
+      if len(pair) != 2 or not all(0.0 <= v <= 1.0 for v in pair):
+        raise ValueError(f"{name} must be (start, end), each in [0, 1], got {pair}.")
+    if not 0.0 <= ibp_weight <= 1.0:
+      raise ValueError(f"ibp_weight must be in [0, 1], got {ibp_weight}.")
+    if reg_weight < 0 or reg_tol <= 0:
+      raise ValueError(f"need reg_weight >= 0 and reg_tol > 0, got {reg_weight}, "
+                       f"{reg_tol}.")
+    if tight_bound not in api.METHODS:
+      raise ValueError(f"unknown tight_bound {tight_bound!r}; choose one of "
+                       f"{api.METHODS}.")
     policy = self.dtype_policy.name
     if policy != "float32":
       raise ValueError(
@@ -98,11 +143,21 @@ class MixTrainModel(keras.Model):
     self.pgd_step_size = float(pgd_step_size)
     self.clip_min, self.clip_max = float(clip_min), float(clip_max)
     self.seed = int(seed)
+    self.kappa = tuple(float(v) for v in kappa)
+    self.beta = tuple(float(v) for v in beta)
+    self.ibp_weight = float(ibp_weight)
+    self.reg_weight, self.reg_tol = float(reg_weight), float(reg_tol)
+    self.tight_bound = tight_bound
     self.epsilon = self.add_weight(
         name="epsilon", shape=(), initializer=keras.initializers.Constant(epsilon),
         trainable=False)
     self.alpha = self.add_weight(
         name="alpha", shape=(), initializer=keras.initializers.Constant(alpha),
+        trainable=False)
+    # Fraction of the eps ramp done (EpsilonRamp assigns it): the IBP family's
+    # kappa, beta and regulariser schedules read it.
+    self.progress = self.add_weight(
+        name="progress", shape=(), initializer=keras.initializers.Constant(0.0),
         trainable=False)
     # DynamicAlpha's last (clean, verified) validation accuracy, -1 before the
     # first epoch: a model variable so that a resumed run keeps the rule's state.
@@ -112,7 +167,7 @@ class MixTrainModel(keras.Model):
     self._trackers = {
         name: keras.metrics.Mean(name=name)
         for name in ("loss", "clean_loss", "robust_loss", "verified", "alpha",
-                     "epsilon")}
+                     "epsilon", "regularizer")}
     self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.built = True  # the wrapped network is built; nothing else to create
 
@@ -141,9 +196,57 @@ class MixTrainModel(keras.Model):
     noise = tf.random.stateless_uniform([batch], seed)
     return tf.argsort(noise)[: self.k]
 
+  def _pgd_point(self, x, y, step_size=None):
+    return attacks.pgd(
+        lambda z: self.network(z, training=False), x, y, self.epsilon,
+        self.pgd_steps, self.pgd_step_size if step_size is None else step_size,
+        clip_min=self.clip_min,
+        clip_max=self.clip_max,
+        seed=tf.stack([self.seed, tf.cast(self.optimizer.iterations, tf.int32)]))
+
+  def _ramped(self, pair: tuple[float, float]) -> tf.Tensor:
+    return pair[0] + (pair[1] - pair[0]) * self.progress
+
+  def _ibp_family_loss(self, x, y, clean):
+    """(loss, per-example robust loss, verified, clean weight, regulariser)."""
+    ub, box, pre = recipes.ibp_margins(self.network, x, y, self.epsilon,
+                                       self.clip_min, self.clip_max)
+    if self.method == "crown_ibp":
+      beta = self._ramped(self.beta)
+      ub = tf.cond(beta > 0, lambda: beta * api.ball_margins(
+          self.network, x, y, self.epsilon, "crown_ibp", self.clip_min,
+          self.clip_max) + (1.0 - beta) * ub, lambda: ub)
+    elif self.method == "mixtrain_ibp":
+      idx = self._sample(tf.shape(x)[0])
+      tight = api.ball_margins(self.network, tf.gather(x, idx), tf.gather(y, idx),
+                               self.epsilon, self.tight_bound, self.clip_min,
+                               self.clip_max)
+      # Both bounds are sound: the sampled points keep the smaller one.
+      ub = tf.tensor_scatter_nd_update(
+          ub, idx[:, None], tf.minimum(tf.gather(ub, idx), tight))
+    robust = keras.losses.sparse_categorical_crossentropy(y, ub, from_logits=True)
+    verified = api.is_verified(ub, y)
+    if self.method == "mtl_ibp":
+      # Step size 2.5 eps / steps (Madry et al.), following the ramped epsilon.
+      step = 2.5 * self.epsilon / self.pgd_steps
+      adv = keras.losses.sparse_categorical_crossentropy(
+          y, self.network(self._pgd_point(x, y, step), training=True),
+          from_logits=True)
+      robust = (1.0 - self.ibp_weight) * adv + self.ibp_weight * robust
+    weight = (self.alpha if self.method == "mixtrain_ibp"
+              else self._ramped(self.kappa))
+    reg = tf.zeros(())
+    if self.reg_weight > 0:
+      reg = (self.reg_weight * (1.0 - self.progress)
+             * recipes.warmup_regularizer(box, pre, self.reg_tol))
+    loss = (weight * tf.reduce_mean(clean) + (1.0 - weight) * tf.reduce_mean(robust)
+            + reg)
+    return loss, robust, verified, weight, reg
+
   def train_step(self, data):
     x, y = data[0], tf.cast(data[1], tf.int32)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    weight, reg = self.alpha, None
     with tf.GradientTape() as tape:
       logits = self.network(x, training=True)
       clean = keras.losses.sparse_categorical_crossentropy(
@@ -152,15 +255,12 @@ class MixTrainModel(keras.Model):
         robust, verified = tf.zeros([0]), tf.zeros([0], tf.bool)
         loss = tf.reduce_mean(clean)
       elif self.method == "pgd":
-        x_adv = attacks.pgd(
-            lambda z: self.network(z, training=False), x, y, self.epsilon,
-            self.pgd_steps, self.pgd_step_size, clip_min=self.clip_min,
-            clip_max=self.clip_max,
-            seed=tf.stack([self.seed, tf.cast(self.optimizer.iterations, tf.int32)]))
         robust = keras.losses.sparse_categorical_crossentropy(
-            y, self.network(x_adv, training=True), from_logits=True)
+            y, self.network(self._pgd_point(x, y), training=True), from_logits=True)
         verified = tf.zeros([0], tf.bool)
         loss = tf.reduce_mean(robust)
+      elif self.method in IBP_FAMILY:
+        loss, robust, verified, weight, reg = self._ibp_family_loss(x, y, clean)
       else:
         if self.method == "mixtrain":
           idx = self._sample(tf.shape(x)[0])
@@ -185,7 +285,9 @@ class MixTrainModel(keras.Model):
       t["robust_loss"].update_state(robust)
     if self.method not in ("clean", "pgd"):
       t["verified"].update_state(tf.cast(verified, tf.float32))
-    t["alpha"].update_state(self.alpha)
+    if reg is not None:
+      t["regularizer"].update_state(reg)
+    t["alpha"].update_state(weight)
     t["epsilon"].update_state(self.epsilon)
     self._accuracy.update_state(y, logits)
     return _for_reduction({m.name: m.result() for m in self.metrics})

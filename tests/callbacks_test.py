@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 import zoo  # tests/zoo.py: the shared networks and helpers
 
-from mixtrain_tf import callbacks
+from mixtrain_tf import callbacks, recipes
 
 BATCH = zoo.TRAIN_BATCH
 
@@ -98,6 +98,20 @@ def test_epsilon_ramp_assigns_model_epsilon_during_fit(per_step, mnist_batch):
     assert expected[:5] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1])
   else:
     assert expected[:5] == pytest.approx([0.0] * 4 + [0.1])
+
+
+def test_smooth_ramp_follows_the_smooth_fraction_and_sets_progress():
+  ramp = callbacks.EpsilonRamp(0.4, ramp_epochs=10, warmup_epochs=1, shape="smooth")
+  for epoch, frac in [(0, 0.0), (1, 0.0), (2, 0.1), (4.5, 0.35), (11, 1.0)]:
+    assert ramp.fraction(epoch) == pytest.approx(frac)
+    assert ramp.value(epoch) == pytest.approx(0.4 * recipes.smooth_fraction(frac))
+  model = types.SimpleNamespace(epsilon=tf.Variable(0.0), progress=tf.Variable(0.0))
+  ramp.apply(model, 3, 5, 10)
+  assert float(model.progress.numpy()) == pytest.approx(0.25)
+  assert float(model.epsilon.numpy()) == pytest.approx(
+      0.4 * recipes.smooth_fraction(0.25))
+  with pytest.raises(ValueError, match="shape"):
+    callbacks.EpsilonRamp(0.1, 2, shape="cosine")
 
 
 # -- DynamicAlpha ------------------------------------------------------------------

@@ -162,3 +162,18 @@ def test_attacks_never_beat_crown_margins_on_the_authors_model():
     zoo.assert_inside(found, None, ub, what=f"authors' model margins ({method})")
     proven = mixtrain_tf.verified(model, x, y, eps, method).numpy()
     assert not np.any(proven & broken)
+
+
+@pytest.mark.parametrize("method", CROWN)
+def test_upper_only_gives_the_same_upper_bounds_and_no_lower(method):
+  """Margins read only upper bounds: the halved backward pass must not change them."""
+  model = zoo.RANDOM_NETS["residual"]()
+  x = zoo.inputs(model, 3, seed=2)
+  y = np.array([0, 1, 2]) % zoo.n_out(model)
+  lo, hi = api.input_box(x, 0.1)
+  spec = api.margin_spec(tf.constant(y), zoo.n_out(model))
+  full = api.bound_box(model, lo, hi, method, spec=spec, alpha_steps=3)
+  half = api.bound_box(model, lo, hi, method, spec=spec, alpha_steps=3,
+                       upper_only=True)
+  np.testing.assert_allclose(half.upper, full.upper, rtol=1e-5, atol=1e-5)
+  assert np.all(np.isneginf(half.lower.numpy()))

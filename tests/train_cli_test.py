@@ -244,6 +244,10 @@ SMOKE_CASES = {
     "cifar_large": ("cifar_large", BIG, SLOW),
     "cifar_resnet": ("cifar_resnet", BIG, SLOW),
     "imagenet200": ("imagenet200", BIG, SLOW),
+    "mnist_small_ibp_eps0.3": ("mnist_small_ibp_eps0.3", [], ()),
+    "mnist_small_ibp_eps0.1": ("mnist_small_ibp_eps0.1", [], SLOW),
+    "cifar_small_ibp_2": ("cifar_small_ibp_2", [], ()),
+    "cifar_small_ibp_8": ("cifar_small_ibp_8", [], SLOW),
     "cifar_resnet_interval_1step": (
         "cifar_resnet", BIG + ["--method=interval", "--max_train_examples=10"],
         ()),

@@ -23,11 +23,12 @@ import pytest
 import tensorflow as tf
 import zoo  # tests/zoo.py: the shared networks and helpers
 
-from mixtrain_tf import training
+import mixtrain_tf
+from mixtrain_tf import recipes, training
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 METRICS = {"loss", "clean_loss", "robust_loss", "verified", "alpha", "epsilon",
-           "accuracy"}
+           "accuracy", "regularizer"}
 EPS = zoo.TRAIN_EPS
 BATCH = zoo.TRAIN_BATCH
 
@@ -69,6 +70,87 @@ def test_train_step_returns_metrics_and_updates_weights(method, k, mnist_batch):
   assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 1e-6, (
       "one optimizer step left every weight unchanged")
   assert int(model.optimizer.iterations.numpy()) == 1
+
+
+def _ce(y, ub):
+  return float(np.mean(zoo.cross_entropy(y, np.asarray(ub))))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown_ibp", "mtl_ibp"])
+def test_ibp_family_clean_weight_follows_the_ramp(method, mnist_batch):
+  """kappa goes from its start to its end value as `progress` goes 0 -> 1."""
+  x, y = mnist_batch
+  model = zoo.mixtrain_model(method, kappa=(1.0, 0.2))
+  model.progress.assign(0.25)
+  logs = model.train_on_batch(x, y, return_dict=True)
+  assert set(logs) == METRICS
+  assert all(np.isfinite(v) for v in logs.values()), logs
+  assert logs["alpha"] == pytest.approx(0.8)
+  assert logs["loss"] == pytest.approx(
+      0.8 * logs["clean_loss"] + 0.2 * logs["robust_loss"], rel=1e-5)
+  assert logs["regularizer"] == 0.0
+
+
+@pytest.mark.parametrize("beta,bounds", [((1.0, 1.0), ("crown_ibp",)),
+                                         ((0.0, 0.0), ("interval",)),
+                                         ((1.0, 0.0), ("crown_ibp", "interval"))])
+def test_crown_ibp_robust_loss_mixes_the_two_bounds_by_beta(beta, bounds,
+                                                            mnist_batch):
+  x, y = mnist_batch
+  model = zoo.mixtrain_model("crown_ibp", beta=beta)
+  model.progress.assign(0.5)
+  ubs = [mixtrain_tf.margin_upper_bounds(model.network, x, y, EPS, b)
+         for b in bounds]
+  ub = ubs[0] if len(ubs) == 1 else 0.5 * ubs[0] + 0.5 * ubs[1]
+  logs = model.train_on_batch(x, y, return_dict=True)
+  assert logs["robust_loss"] == pytest.approx(_ce(y, ub), rel=1e-5)
+
+
+def test_mtl_ibp_robust_loss_is_the_ibp_loss_at_ibp_weight_one(mnist_batch):
+  x, y = mnist_batch
+  model = zoo.mixtrain_model("mtl_ibp", ibp_weight=1.0)
+  ub = mixtrain_tf.margin_upper_bounds(model.network, x, y, EPS, "interval")
+  logs = model.train_on_batch(x, y, return_dict=True)
+  assert logs["robust_loss"] == pytest.approx(_ce(y, ub), rel=1e-5)
+
+
+def test_mtl_ibp_robust_loss_lies_between_its_pgd_and_ibp_losses(mnist_batch):
+  x, y = mnist_batch
+  model = zoo.mixtrain_model("mtl_ibp", ibp_weight=0.5)
+  ub = mixtrain_tf.margin_upper_bounds(model.network, x, y, EPS, "interval")
+  logs = model.train_on_batch(x, y, return_dict=True)
+  # 0.5 * CE(pgd point) + 0.5 * CE(ibp): above half the IBP loss, below it.
+  assert 0.5 * _ce(y, ub) <= logs["robust_loss"] <= _ce(y, ub) + 1e-5
+
+
+def test_mixtrain_ibp_tightens_only_the_sampled_points(mnist_batch):
+  x, y = mnist_batch
+  itv = mixtrain_tf.margin_upper_bounds(zoo.mnist_small(), x, y, EPS, "interval")
+  sym = mixtrain_tf.margin_upper_bounds(zoo.mnist_small(), x, y, EPS, "symbolic")
+  everyone = zoo.mixtrain_model("mixtrain_ibp", k=BATCH, tight_bound="symbolic")
+  logs = everyone.train_on_batch(x, y, return_dict=True)
+  assert logs["robust_loss"] == pytest.approx(_ce(y, np.minimum(itv, sym)), rel=1e-5)
+  assert logs["alpha"] == pytest.approx(0.5)  # MixTrain's alpha, not kappa
+  some = zoo.mixtrain_model("mixtrain_ibp", k=3, tight_bound="symbolic")
+  logs = some.train_on_batch(x, y, return_dict=True)
+  assert _ce(y, np.minimum(itv, sym)) - 1e-5 <= logs["robust_loss"] <= _ce(y, itv)
+
+
+def test_warmup_regularizer_is_added_and_fades_with_progress(mnist_batch):
+  x, y = mnist_batch
+  model = zoo.mixtrain_model("ibp", reg_weight=0.5)
+  _, box, pre = recipes.ibp_margins(model.network, x, y, EPS)
+  reg = float(recipes.warmup_regularizer(box, pre))
+  assert reg > 0
+  model.progress.assign(0.5)
+  logs = model.train_on_batch(x, y, return_dict=True)
+  assert logs["regularizer"] == pytest.approx(0.5 * 0.5 * reg, rel=1e-4)
+  assert logs["loss"] == pytest.approx(
+      0.5 * logs["clean_loss"] + 0.5 * logs["robust_loss"] + logs["regularizer"],
+      rel=1e-5)
+  done = zoo.mixtrain_model("ibp", reg_weight=0.5)
+  done.progress.assign(1.0)
+  assert done.train_on_batch(x, y, return_dict=True)["regularizer"] == 0.0
 
 
 def test_mixtrain_with_k_equal_batch_matches_symbolic(mnist_batch):
@@ -270,6 +352,11 @@ def test_assigned_alpha_reaches_an_existing_train_function(mnist_batch):
     (dict(alpha=-0.1), "alpha"),
     (dict(epsilon=-0.1), "epsilon"),
     (dict(eval_bound="deeppoly"), "eval_bound"),
+    (dict(kappa=(1.0, 1.5)), "kappa"),
+    (dict(beta=(1.0,)), "beta"),
+    (dict(ibp_weight=2.0), "ibp_weight"),
+    (dict(reg_weight=-1.0), "reg_weight"),
+    (dict(tight_bound="deeppoly"), "tight_bound"),
 ])
 def test_bad_constructor_args(kwargs, match):
   with pytest.raises(ValueError, match=match):
