@@ -91,10 +91,21 @@ def ibp_margins(network: keras.Model, x, y, epsilon, clip_min: float = 0.0,
 
 
 def warmup_regularizer(box: IntervalBounds, pre: list[IntervalBounds],
-                       tol: float = 0.5) -> tf.Tensor:
-  """Shi et al. 2021's L_tightness + L_relu (each averaged over the ReLU layers)."""
+                       tol: float = 0.5, max_examples: int | None = 32
+                       ) -> tf.Tensor:
+  """Shi et al. 2021's L_tightness + L_relu (each averaged over the ReLU layers).
+
+  Its statistics (means and spreads over the batch and the neurons) are taken on
+  the first `max_examples` examples of the batch (None: all): the terms are a
+  few elementwise passes over every pre-activation, memory-bound, and on the whole
+  batch they cost more than the interval bounds themselves (mnist_large, batch
+  256, one core: 2.6 s a step against 0.6 s)."""
   if not pre:
     return tf.constant(0.0)
+  if max_examples is not None:
+    def head(b):
+      return IntervalBounds(b.lower[:max_examples], b.upper[:max_examples])
+    box, pre = head(box), [head(b) for b in pre]
   radius0 = tf.reduce_mean(box.radius)
   tightness, balance = [], []
   for b in pre:

@@ -111,3 +111,13 @@ def test_warmup_regularizer_has_finite_gradients_without_inactive_neurons():
   grads = tape.gradient(reg, net.trainable_variables)
   assert np.isfinite(float(reg))
   assert all(g is None or np.all(np.isfinite(g.numpy())) for g in grads)
+
+
+def test_warmup_regularizer_reads_the_first_max_examples(mnist_batch):
+  x, y = mnist_batch
+  net = zoo.mnist_small(seed=3)
+  _, box, pre = recipes.ibp_margins(net, x, y, 0.1)
+  got = float(recipes.warmup_regularizer(box, pre, max_examples=3))
+  _, box3, pre3 = recipes.ibp_margins(net, x[:3], y[:3], 0.1)
+  assert got == pytest.approx(float(recipes.warmup_regularizer(box3, pre3, None)),
+                              rel=1e-6)
