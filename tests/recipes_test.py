@@ -119,5 +119,5 @@ def test_warmup_regularizer_reads_the_first_max_examples(mnist_batch):
   _, box, pre = recipes.ibp_margins(net, x, y, 0.1)
   got = float(recipes.warmup_regularizer(box, pre, max_examples=3))
   _, box3, pre3 = recipes.ibp_margins(net, x[:3], y[:3], 0.1)
-  assert got == pytest.approx(float(recipes.warmup_regularizer(box3, pre3, None)),
-                              rel=1e-6)
+  want = float(recipes.warmup_regularizer(box3, pre3, max_examples=None))
+  assert got == pytest.approx(want, rel=1e-6)
