@@ -193,7 +193,19 @@ def input_box(x, epsilon, clip_min: float = 0.0, clip_max: float = 1.0
             eps, tf.constant(np.inf, tf.float32), message="epsilon must be finite"),
     ]
   with tf.control_dependencies(checks):
-    return (tf.clip_by_value(x - eps, lo, hi), tf.clip_by_value(x + eps, lo, hi))
+    lower, upper = tf.clip_by_value(x - eps, lo, hi), tf.clip_by_value(x + eps, lo, hi)
+  if tf.executing_eagerly():
+    return lower, upper
+  # XLA (jit_compile) drops assert ops: a refused ball also becomes a NaN box, whose
+  # bounds are NaN, which `is_verified` never counts and a NaN loss stops training.
+  axes = list(range(1, x.shape.rank))
+  ok = tf.logical_and(tf.reduce_all(x >= lo - tol, axes),
+                      tf.reduce_all(x <= hi + tol, axes))
+  ok = tf.logical_and(ok, tf.reshape(tf.logical_and(eps >= 0, eps < np.inf), [-1])
+                      if eps.shape.rank else tf.logical_and(eps >= 0, eps < np.inf))
+  ok = tf.reshape(ok, [-1] + [1] * (x.shape.rank - 1))
+  nan = tf.constant(np.nan, tf.float32)
+  return tf.where(ok, lower, nan), tf.where(ok, upper, nan)
 
 
 def margin_spec(y: tf.Tensor, num_classes: int) -> tf.Tensor:
@@ -219,7 +231,13 @@ def margin_spec(y: tf.Tensor, num_classes: int) -> tf.Tensor:
                                        message=f"labels must be < {num_classes}")]
   with tf.control_dependencies(checks):
     onehot = tf.one_hot(y, num_classes)
-  return tf.eye(num_classes)[None] - onehot[:, None, :]
+  spec = tf.eye(num_classes)[None] - onehot[:, None, :]
+  if tf.executing_eagerly():
+    return spec
+  # Under XLA the asserts are gone: a label out of range gets NaN rows (see
+  # input_box), not logit rows.
+  ok = tf.logical_and(y >= 0, y < num_classes)[:, None, None]
+  return tf.where(ok, spec, tf.constant(np.nan, tf.float32))
 
 
 def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
@@ -390,4 +408,7 @@ def is_verified(margin_upper: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
   y = tf.cast(y, tf.int32)
   others = tf.where(tf.one_hot(y, tf.shape(margin_upper)[1]) > 0, -np.inf,
                     margin_upper)
-  return tf.reduce_max(others, axis=1) < 0.0
+  # A NaN bound (a refused ball under XLA) proves nothing, whatever reduce_max
+  # makes of NaN.
+  finite = tf.reduce_all(tf.logical_not(tf.math.is_nan(margin_upper)), axis=1)
+  return tf.logical_and(tf.reduce_max(others, axis=1) < 0.0, finite)

@@ -95,6 +95,10 @@ def _define_data_flags():
   flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                     "tf.distribute strategy: one device, MirroredStrategy over this "
                     "machine's GPUs, or MultiWorkerMirroredStrategy from TF_CONFIG.")
+  flags.DEFINE_boolean("jit_compile", False, "Compile the train step with XLA. Off "
+                       "by default: on CPU it is slower (docs/benchmarks.md); try it "
+                       "on a GPU. Input checks then poison bounds with NaN instead "
+                       "of raising (XLA drops assert ops).")
   flags.DEFINE_boolean("overwrite", False, "Replace a finished (or unfinished) run "
                        "in --model_dir instead of refusing to touch it.")
   flags.DEFINE_integer("max_train_examples", None, "Use only the first N train "
@@ -547,7 +551,7 @@ def _compile(f, strategy, init_weights, pgd: dict, steps: int):
     clip = {"global_clipnorm": f.clip_norm} if f.clip_norm else {}
     opt = (keras.optimizers.Adam(lr, **clip) if f.optimizer == "adam"
            else keras.optimizers.SGD(lr, momentum=0.9, **clip))
-    model.compile(optimizer=opt, jit_compile=False)
+    model.compile(optimizer=opt, jit_compile=f.jit_compile)
   return network, model
 
 

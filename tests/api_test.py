@@ -430,3 +430,31 @@ def test_tensor_float_32_is_off_for_every_bound(tmp_path):
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
   finally:
     tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+def test_xla_margins_of_a_refused_ball_or_label_are_nan_and_never_verified():
+  """XLA drops assert ops; the checks then poison the box (or the spec) with NaN."""
+  model = zoo.mnist_small()
+  x, y = zoo.mnist_test(3)
+  fn = tf.function(lambda x, y, e: api.ball_margins(model, x, y, e, "interval"),
+                   jit_compile=True)
+  zero = tf.constant(0.0)
+  good = fn(x, y, zero).numpy()
+  assert np.all(np.isfinite(good))
+  bad_x = x.copy()
+  bad_x[1] *= 255.0
+  # Tensors, not Python floats: a Python constant would fail the asserts when
+  # traced, before XLA ever runs.
+  for args, row in [((bad_x, y, zero), 1), ((x, np.array([0, 10, 1]), zero), 1),
+                    ((x, y, tf.constant(-0.1)), None)]:
+    ub = fn(*args).numpy()
+    rows = range(3) if row is None else [row]
+    for r in rows:
+      assert np.all(np.isnan(ub[r])), args
+    verified = api.is_verified(tf.constant(ub), tf.constant(np.clip(args[1], 0, 9)))
+    assert not any(verified.numpy()[r] for r in rows)
+
+
+def test_is_verified_never_counts_a_nan_bound():
+  ub = tf.constant([[0.0, -1.0, np.nan], [0.0, -1.0, -2.0]])
+  assert api.is_verified(ub, tf.constant([0, 0])).numpy().tolist() == [False, True]

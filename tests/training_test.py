@@ -422,3 +422,37 @@ def test_keras_still_calls_the_symbolic_build_hook(mnist_batch, monkeypatch):
   model = zoo.mixtrain_model("clean", zoo.linear_net())
   model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
   assert calls, "Keras no longer calls MixTrainModel._maybe_symbolic_build"
+
+
+# -- XLA -------------------------------------------------------------------------
+
+
+def _compiled(method, jit, **kwargs):
+  model = training.MixTrainModel(zoo.mnist_small(), method=method, epsilon=EPS,
+                                 pgd_steps=2, **kwargs)
+  model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+  return model
+
+
+@pytest.mark.parametrize("method", ["ibp", "interval"])
+def test_xla_step_matches_the_plain_step(method, mnist_batch):
+  """(MixTrain's sampled points differ: XLA's stateless random numbers are not
+  TensorFlow's, so only the deterministic methods are compared.)"""
+  x, y = mnist_batch
+  plain, xla = _compiled(method, False, k=3), _compiled(method, True, k=3)
+  logs_plain = plain.train_on_batch(x, y, return_dict=True)
+  logs_xla = xla.train_on_batch(x, y, return_dict=True)
+  for name, value in logs_plain.items():
+    assert logs_xla[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+  for a, b in zip(plain.network.get_weights(), xla.network.get_weights()):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_xla_step_turns_a_refused_batch_into_nan_not_a_loss(mnist_batch):
+  """XLA drops the input checks' assert ops: the ball becomes NaN instead."""
+  x, y = mnist_batch
+  bad = x.copy()
+  bad[0, 0, 0, 0] = 255.0  # not divided by 255
+  logs = _compiled("ibp", True).train_on_batch(bad, y, return_dict=True)
+  assert np.isnan(logs["robust_loss"]) and np.isnan(logs["loss"])
+  assert logs["verified"] < 1.0
