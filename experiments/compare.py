@@ -1,26 +1,37 @@
-r"""MixTrain against verifiable, interval, PGD and clean training at equal time.
+r"""Training methods compared at equal time, each with its own schedule.
 
     python experiments/compare.py --out=runs/compare --budget_s=600 --jobs=2
 
-For every setting (an epsilon and its flagfile) and every method, trains with
-`python -m mixtrain_tf.train --flagfile=<flagfile> --method=<method>
---time_budget_s=<budget>`: each method gets the same training seconds, and the
-flagfile's epoch schedule (eps ramp, LR decay, start of dynamic alpha) is stretched
-over them. During training a learning curve (clean and verified accuracy on the
-first --curve_examples test images) is measured without counting its time; after
-training, the train CLI measures clean, PGD-40 and verified (symbolic and
-interval) accuracy on the full test split, and the peak memory of the process.
+Every run is an `epsilon:method:flagfile` entry of --runs, and trains with
+`python -m mixtrain_tf.train --flagfile=<flagfile> --epsilon=<epsilon>
+--method=<method> --time_budget_s=<budget>`: each run gets the same training
+seconds, and its own flagfile's epoch schedule (eps ramp, LR decay, start of
+dynamic alpha, kappa, warm-up) is stretched over them. So each method is compared
+with its own schedule: by default MixTrain and the 2019 baselines (interval,
+symbolic, PGD, clean) on MixTrain's flagfile, and the IBP family (ibp, crown_ibp,
+mtl_ibp, mixtrain_ibp) on the IBP flagfile of the same epsilon. During training a
+learning curve (clean and verified accuracy on the first --curve_examples test
+images) is measured without counting its time; after training, the train CLI
+measures clean, PGD-40 and verified accuracy (the flagfile's --final_methods) on
+the full test split, and the peak memory of the process.
+
+A run's directory is <out>/eps<epsilon>/<method>; when one method appears more
+than once at one epsilon (with different flagfiles), each of those is
+<out>/eps<epsilon>/<method>@<flagfile stem>, so run directories are unique (an
+entry given twice, or two flagfiles of one such method with the same stem, is a
+usage error).
 
 --jobs=N runs N trainings at once, each pinned to its own share of the CPU cores
 (so their timings stay comparable). A run whose metrics.json exists is skipped:
 re-running the command resumes a stopped comparison. Then writes
-<out>/results.json, <out>/results.md (the table) and, with --plots, PNG plots
-(needs matplotlib: pip install -e ".[experiments]").
+<out>/results.json, <out>/results.md (the table, with each run's flagfile) and,
+with --plots, PNG plots (needs matplotlib: pip install -e ".[experiments]").
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -28,18 +39,32 @@ import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple
 
 from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
+
+# The 2019 baselines keep MixTrain's schedule; the IBP family has its own.
+BASELINES = ("mixtrain", "interval", "symbolic", "pgd", "clean")
+IBP_METHODS = ("ibp", "crown_ibp", "mtl_ibp", "mixtrain_ibp")
+DEFAULT_RUNS = [
+    f"{eps}:{method}:{flagfile}"
+    for eps, baseline_flags, ibp_flags in (
+        ("0.3", "flags/mnist_small_eps0.3.cfg", "flags/mnist_small_ibp_eps0.3.cfg"),
+        ("0.1", "flags/mnist_small.cfg", "flags/mnist_small_ibp_eps0.1.cfg"))
+    for methods, flagfile in ((BASELINES, baseline_flags), (IBP_METHODS, ibp_flags))
+    for method in methods]
+
+
 def define_flags():
   """Defines the flags (in main only, so tests can import this module)."""
-  flags.DEFINE_list("settings", ["0.1:flags/mnist_small.cfg",
-                                 "0.3:flags/mnist_small_eps0.3.cfg"],
-                    "epsilon:flagfile pairs; the epsilon is the test radius.")
-  flags.DEFINE_list("methods", ["mixtrain", "symbolic", "interval", "pgd", "clean"],
-                    "Training methods (mixtrain_tf.training.TRAINING_METHODS).")
+  flags.DEFINE_list("runs", DEFAULT_RUNS,
+                    "epsilon:method:flagfile entries, one per training run; the "
+                    "epsilon is the test radius, the method one of "
+                    "mixtrain_tf.training.TRAINING_METHODS, the flagfile (relative "
+                    "to the repository) the run's schedule.")
   flags.DEFINE_float("budget_s", 600, "Training seconds per run.")
   flags.DEFINE_integer("jobs", 1, "Runs at once, each on its own share of the cores.")
   flags.DEFINE_list("cores", None, "CPU cores to use (default: all this process may "
@@ -56,8 +81,74 @@ def define_flags():
                     "are plotted (default: the comparison's mixtrain runs).")
 
 
-def run_dir(out: pathlib.Path, epsilon: str, method: str) -> pathlib.Path:
-  return out / f"eps{epsilon}" / method
+class Run(NamedTuple):
+  """One training run: `epsilon` as given (it names the directory), `name` its
+  directory's name (the method, or method@flagfile-stem; see parse_runs)."""
+  epsilon: str
+  method: str
+  flagfile: str
+  name: str
+
+  def dir(self, out: pathlib.Path) -> pathlib.Path:
+    return out / f"eps{self.epsilon}" / self.name
+
+
+def parse_runs(entries: list[str], root: pathlib.Path = REPO_ROOT) -> list[Run]:
+  """The --runs entries (epsilon:method:flagfile) as Runs, in their order.
+
+  A method that appears more than once at one epsilon is named
+  <method>@<flagfile stem> in each of those runs (otherwise just <method>), so run
+  directories are unique. Raises app.UsageError naming the entry when it is not
+  three fields, its epsilon is not a number >= 0, its method is not in
+  mixtrain_tf.training.TRAINING_METHODS or its flagfile (relative to `root`) does
+  not exist; when an entry is given twice; or when two flagfiles of one method at
+  one epsilon share a stem.
+  """
+  # Imported here: TensorFlow loads only when the runs are parsed.
+  from mixtrain_tf.training import TRAINING_METHODS
+
+  example = "(e.g. 0.3:ibp:flags/mnist_small_ibp_eps0.3.cfg)"
+  parsed, seen = [], {}
+  for entry in entries:
+    fields = entry.split(":", 2)
+    if len(fields) != 3 or not all(fields):
+      raise app.UsageError(f"--runs entry {entry!r} is not epsilon:method:flagfile "
+                           f"{example}.")
+    epsilon, method, flagfile = fields
+    try:
+      value = float(epsilon)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+      raise app.UsageError(f"--runs entry {entry!r}: epsilon {epsilon!r} is not a "
+                           "number >= 0.")
+    if method not in TRAINING_METHODS:
+      raise app.UsageError(f"--runs entry {entry!r}: unknown method {method!r}; "
+                           f"choose one of {', '.join(TRAINING_METHODS)}.")
+    path = root / flagfile
+    if not path.is_file():
+      raise app.UsageError(f"--runs entry {entry!r}: no flagfile {path}.")
+    key = (epsilon, method, path.resolve())
+    if key in seen:
+      raise app.UsageError(f"--runs entry {entry!r} is given twice (as "
+                           f"{seen[key]!r}).")
+    seen[key] = entry
+    parsed.append((entry, epsilon, method, flagfile))
+  runs = []
+  for entry, epsilon, method, flagfile in parsed:
+    stems = [pathlib.Path(f).stem for _, e, m, f in parsed
+             if (e, m) == (epsilon, method)]
+    if len(stems) == 1:
+      name = method
+    elif stems.count(pathlib.Path(flagfile).stem) > 1:
+      raise app.UsageError(
+          f"--runs entry {entry!r}: another flagfile of {method} at {epsilon} has "
+          "the same stem, and their runs (<method>@<flagfile stem>) would share a "
+          "directory; rename one.")
+    else:
+      name = f"{method}@{pathlib.Path(flagfile).stem}"
+    runs.append(Run(epsilon, method, flagfile, name))
+  return runs
 
 
 def train_command(flagfile: str, epsilon: str, method: str, model_dir: pathlib.Path,
@@ -80,8 +171,10 @@ def _pinned(command: list[str], cores: set[int]) -> list[str]:
 
 def _run_all(jobs: list[tuple[list[str], pathlib.Path]], workers: int,
              cores: list[int]):
-  """Runs the commands, `workers` at a time, each pinned to its share of cores."""
-  share = max(1, len(cores) // workers)
+  """Runs the commands, `workers` (at most one per core) at a time, each pinned to
+  its share of cores."""
+  workers = max(1, min(workers, len(cores)))
+  share = len(cores) // workers
   queue, lock, failed = list(jobs), threading.Lock(), []
 
   def worker(i: int):
@@ -124,27 +217,25 @@ def first_time(curve: list[dict], level: float) -> float | None:
   return None
 
 
-def collect(out: pathlib.Path, settings: list[tuple[str, str]], methods: list[str],
-            levels: list[float]) -> list[dict]:
+def collect(out: pathlib.Path, runs: list[Run], levels: list[float]) -> list[dict]:
   rows = []
-  for epsilon, flagfile in settings:
-    for method in methods:
-      d = run_dir(out, epsilon, method)
-      metrics = json.loads((d / "metrics.json").read_text())
-      curve_path = d / "curve.json"
-      curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
-      test = metrics["test"]
-      rows.append({
-          "epsilon": float(epsilon), "flagfile": flagfile, "method": method,
-          "run": str(d), "epochs": metrics["epochs"],
-          "train_seconds": metrics["train_seconds"],
-          "peak_rss_mb": metrics["train_peak_rss_mb"],
-          "examples": test["examples"], "clean": test["clean"]["accuracy"],
-          "pgd": test["attacks"].get("pgd", {}).get("accuracy"),
-          "verified": {m: v["accuracy"] for m, v in test["verified"].items()},
-          "curve": curve,
-          "seconds_to_level": {f"{lv:g}": first_time(curve, lv) for lv in levels},
-      })
+  for run in runs:
+    d = run.dir(out)
+    metrics = json.loads((d / "metrics.json").read_text())
+    curve_path = d / "curve.json"
+    curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    test = metrics["test"]
+    rows.append({
+        "epsilon": float(run.epsilon), "flagfile": run.flagfile,
+        "method": run.method, "name": run.name, "run": str(d),
+        "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"],
+        "peak_rss_mb": metrics["train_peak_rss_mb"],
+        "examples": test["examples"], "clean": test["clean"]["accuracy"],
+        "pgd": test["attacks"].get("pgd", {}).get("accuracy"),
+        "verified": {m: v["accuracy"] for m, v in test["verified"].items()},
+        "curve": curve,
+        "seconds_to_level": {f"{lv:g}": first_time(curve, lv) for lv in levels},
+    })
   return rows
 
 
@@ -157,14 +248,14 @@ def _sec(v) -> str:
 
 
 def table(rows: list[dict], levels: list[float]) -> str:
-  head = ["eps", "method", "epochs", "train s", "peak MB", "clean", "PGD-40",
-          "verified sym", "verified int"] + [
+  head = ["eps", "method", "flagfile", "epochs", "train s", "peak MB", "clean",
+          "PGD-40", "verified sym", "verified int"] + [
               f"s to {100 * lv:g}% ver." for lv in levels]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     v = r["verified"]
     lines.append("| " + " | ".join([
-        f"{r['epsilon']:g}", r["method"], str(r["epochs"]),
+        f"{r['epsilon']:g}", r["method"], r["flagfile"], str(r["epochs"]),
         f"{r['train_seconds']:.0f}", f"{r['peak_rss_mb']:.0f}", _pct(r["clean"]),
         _pct(r["pgd"]), _pct(v.get("symbolic")), _pct(v.get("interval"))] + [
             _sec(r["seconds_to_level"][f"{lv:g}"]) for lv in levels]) + " |")
@@ -172,8 +263,9 @@ def table(rows: list[dict], levels: list[float]) -> str:
 
 
 def speedups(rows: list[dict], reference: str = "symbolic") -> list[dict]:
-  """Per epsilon: each method's time to reach the reference method's best curve
-  verified accuracy, and the reference's time over it (how many times faster)."""
+  """Per epsilon: each other run's time to reach the best curve verified accuracy
+  of the (first) run of the reference method, and the reference's time over it
+  (how many times faster). Runs are named by their run names."""
   out = []
   for eps in sorted({r["epsilon"] for r in rows}):
     ref = next((r for r in rows if r["epsilon"] == eps and r["method"] == reference
@@ -183,10 +275,10 @@ def speedups(rows: list[dict], reference: str = "symbolic") -> list[dict]:
     level = max(curve_verified(p) for p in ref["curve"])
     t_ref = first_time(ref["curve"], level)
     for r in rows:
-      if r["epsilon"] == eps and r["method"] != reference:
+      if r["epsilon"] == eps and r is not ref:
         t = first_time(r["curve"], level)
-        out.append({"epsilon": eps, "method": r["method"], "level": level,
-                    "reference": reference, "reference_seconds": t_ref,
+        out.append({"epsilon": eps, "method": r["name"], "level": level,
+                    "reference": ref["name"], "reference_seconds": t_ref,
                     "seconds": t, "speedup": (t_ref / t if t else None)})
   return out
 
@@ -215,7 +307,7 @@ def plot_curves(rows: list[dict], path: pathlib.Path):
       if r["curve"]:
         ax.plot([p["train_seconds"] for p in r["curve"]],
                 [100 * curve_verified(p) for p in r["curve"]], marker="o",
-                markersize=3, label=r["method"])
+                markersize=3, label=r["name"])
     ax.set(title=f"MNIST, eps {eps:g}", xlabel="training seconds",
            ylabel="verified accuracy (%)", ylim=(0, 100))
     ax.grid(alpha=0.3)
@@ -251,30 +343,22 @@ def plot_schedule(run_dirs: list[pathlib.Path], path: pathlib.Path):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  settings = []
-  for s in FLAGS.settings:
-    epsilon, sep, flagfile = s.partition(":")
-    if not sep or not (REPO_ROOT / flagfile).is_file():
-      raise app.UsageError(f"--settings entry {s!r} is not epsilon:flagfile with an "
-                           "existing flagfile (e.g. 0.1:flags/mnist_small.cfg).")
-    float(epsilon)
-    settings.append((epsilon, flagfile))
+  runs = parse_runs(FLAGS.runs)
   levels = [float(v) for v in FLAGS.levels]
   out = pathlib.Path(FLAGS.out).resolve()
   jobs = []
-  for epsilon, flagfile in settings:
-    for method in FLAGS.methods:
-      d = run_dir(out, epsilon, method)
-      if (d / "metrics.json").exists():
-        print(f"skip (done): {d}")
-        continue
-      jobs.append((train_command(flagfile, epsilon, method, d, FLAGS.budget_s,
-                                 FLAGS.curve_examples, FLAGS.curve_every,
-                                 FLAGS.train_args), d))
+  for run in runs:
+    d = run.dir(out)
+    if (d / "metrics.json").exists():
+      print(f"skip (done): {d}")
+      continue
+    jobs.append((train_command(run.flagfile, run.epsilon, run.method, d,
+                               FLAGS.budget_s, FLAGS.curve_examples,
+                               FLAGS.curve_every, FLAGS.train_args), d))
   cores = (sorted(int(c) for c in FLAGS.cores) if FLAGS.cores
            else sorted(os.sched_getaffinity(0)))
   _run_all(jobs, max(1, FLAGS.jobs), cores)
-  rows = collect(out, settings, FLAGS.methods, levels)
+  rows = collect(out, runs, levels)
   fast = speedups(rows)
   (out / "results.json").write_text(json.dumps({"runs": rows, "speedups": fast},
                                                indent=1))
@@ -286,8 +370,7 @@ def main(argv):
     plot_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, plot_dir / "verified_vs_time.png")
     schedule = ([pathlib.Path(d) for d in FLAGS.schedule_runs] if FLAGS.schedule_runs
-                else [run_dir(out, e, "mixtrain") for e, _ in settings
-                      if "mixtrain" in FLAGS.methods])
+                else [run.dir(out) for run in runs if run.method == "mixtrain"])
     if schedule:
       plot_schedule(schedule, plot_dir / "alpha_epsilon.png")
   print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
