@@ -50,6 +50,7 @@ from mixtrain_tf import (
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
 _BUDGET_MAX_EPOCHS = 100_000  # --time_budget_s stops training, not an epoch count
+SAMPLING_METHODS = ("mixtrain", "mixtrain_ibp")  # the methods that take --k
 # Flags that may differ when an unfinished run is resumed: they change where
 # things are read or written, or the final evaluation's batching, not the result.
 RESUME_MAY_DIFFER = ("model_dir", "data_dir", "overwrite", "export",
@@ -78,7 +79,11 @@ def _define_method_flags():
   flags.DEFINE_float("train_epsilon", None, "Radius that training ramps to "
                      "(default: --epsilon). Training slightly above the test radius "
                      "leaves a margin for verification.")
-  flags.DEFINE_integer("k", 5, "Robust points sampled per replica batch (mixtrain).")
+  flags.DEFINE_string("k", "5", "Robust points sampled per replica batch (mixtrain, "
+                      "mixtrain_ibp), or 'auto': the most whose tight bound fits "
+                      "--bound_memory_mb (printed at start).")
+  flags.DEFINE_integer("bound_memory_mb", 2048, "Memory budget of the k sampled "
+                       "points' bound in one train step, for --k=auto.")
   flags.DEFINE_integer("batch_size", 50, "Global batch size.")
   flags.DEFINE_integer("epochs", 20, "Epochs.")
   flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Optimizer.")
@@ -181,7 +186,10 @@ def _register_validators():
   flags.mark_flag_as_required("model_dir")
   flags.register_validator("epsilon", lambda v: 0 <= v <= 1,
                            "--epsilon must be in [0, 1] (pixel units).")
-  flags.register_validator("k", lambda v: v >= 1, "--k must be >= 1.")
+  flags.register_validator("k", lambda v: v == "auto" or (v.isdigit() and int(v) >= 1),
+                           "--k must be an integer >= 1 or 'auto'.")
+  flags.register_validator("bound_memory_mb", lambda v: v >= 1,
+                           "--bound_memory_mb must be >= 1.")
   flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1.")
   flags.register_validator("epochs", lambda v: v >= 1, "--epochs must be >= 1.")
   flags.register_validator("learning_rate", lambda v: v > 0,
@@ -215,8 +223,8 @@ def _register_validators():
 def _register_cross_flag_validators():
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
-      lambda f: f["method"] not in ("mixtrain", "mixtrain_ibp")
-      or f["k"] <= f["batch_size"],
+      lambda f: f["method"] not in SAMPLING_METHODS or f["k"] == "auto"
+      or int(f["k"]) <= f["batch_size"],
       "--k must be <= --batch_size.")
   flags.register_multi_flags_validator(
       ["dataset", "network"],
@@ -446,9 +454,7 @@ def run(argv_flags=FLAGS) -> dict:
   # Only the chief writes to --model_dir; other workers write their (identical)
   # outputs to model_dir/workers/<task>/, which can be deleted after training.
   out_dir = f.model_dir if chief else os.path.join(f.model_dir, "workers", task)
-  if f.method in ("mixtrain", "mixtrain_ibp") and f.k > f.batch_size // replicas:
-    raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
-                         f"{f.batch_size // replicas} ({replicas} replicas).")
+  k = _resolve_k(f, replicas)
   if f.dynamic_alpha and _uses_alpha(f.method) and not f.validation_size:
     raise app.UsageError("--dynamic_alpha needs --validation_size > 0.")
   _check_paths(f)
@@ -461,7 +467,35 @@ def run(argv_flags=FLAGS) -> dict:
   describe = f"--model_dir={f.model_dir}" + ("" if chief else f" ({out_dir})")
   with rundir.RunLock(out_dir, describe):
     _check_run_dir(f, out_dir, chief)
-    return _train(f, strategy, chief, task, out_dir, init_weights, pgd)
+    return _train(f, strategy, chief, task, out_dir, init_weights, pgd, k)
+
+
+def _resolve_k(f, replicas: int) -> int:
+  """--k as a number; for 'auto', the most points per replica whose tight bound
+  fits --bound_memory_mb (estimated by `api.per_sample_bytes`, doubled for the
+  values the gradient tape keeps), at most the per-replica batch."""
+  per_replica = f.batch_size // replicas
+  if f.method not in SAMPLING_METHODS:
+    return 1 if f.k == "auto" else int(f.k)
+  if f.k != "auto":
+    if int(f.k) > per_replica:
+      raise app.UsageError(f"--k={f.k} exceeds the per-replica batch "
+                           f"{per_replica} ({replicas} replicas).")
+    return int(f.k)
+  bound = "symbolic" if f.method == "mixtrain" else f.tight_bound
+  each = 2 * api.per_sample_bytes(
+      networks.build(f.network, data.num_classes(f.dataset)), bound)
+  fits = f.bound_memory_mb * 2**20 // each
+  if fits < 1:
+    raise app.UsageError(
+        f"--k=auto: one point's {bound} bound on {f.network} needs about "
+        f"{each / 2**20:.0f} MB, more than --bound_memory_mb={f.bound_memory_mb}; "
+        "raise the budget or give --k.")
+  k = int(min(fits, per_replica))
+  print(f"--k=auto: k={k} points per replica ({bound} bound, about "
+        f"{each / 2**20:.1f} MB each in a train step, budget "
+        f"{f.bound_memory_mb} MB, per-replica batch {per_replica})", flush=True)
+  return k
 
 
 @contextlib.contextmanager
@@ -479,14 +513,14 @@ def _step(metrics: dict, path: str, name: str):
 
 
 def _train(f, strategy, chief: bool, task: str, out_dir: str,
-           init_weights: list | None, pgd: dict) -> dict:
+           init_weights: list | None, pgd: dict, k: int) -> dict:
   """Trains into out_dir (checked and locked), evaluates and exports."""
   keras.utils.set_random_seed(f.seed)
   splits = _load_data(f)
   rundir.write_text(os.path.join(out_dir, "flags.txt"),
                     "".join(f[name].serialize() + "\n" for name in _FLAG_NAMES))
   network, model = _compile(f, strategy, init_weights, pgd,
-                            int(splits.train.cardinality()))
+                            int(splits.train.cardinality()), k)
   cbs, epochs, backup = _callbacks(f, network, splits, out_dir, chief)
   model.fit(splits.train, validation_data=splits.validation, epochs=epochs,
             callbacks=cbs, shuffle=False,  # the pipeline shuffles
@@ -525,7 +559,7 @@ def _load_data(f) -> data.Splits:
   return splits
 
 
-def _compile(f, strategy, init_weights, pgd: dict, steps: int):
+def _compile(f, strategy, init_weights, pgd: dict, steps: int, k: int):
   """The network and its compiled MixTrainModel, built in the strategy's scope."""
   with strategy.scope():
     network = networks.build(f.network, data.num_classes(f.dataset))
@@ -537,7 +571,7 @@ def _compile(f, strategy, init_weights, pgd: dict, steps: int):
     if f.train_pgd_steps:
       train_pgd["pgd_steps"] = f.train_pgd_steps
     model = training.MixTrainModel(
-        network, method=f.method, epsilon=f.eps_start, k=f.k, alpha=f.alpha,
+        network, method=f.method, epsilon=f.eps_start, k=k, alpha=f.alpha,
         eval_bound=f.eval_bound, seed=f.seed, kappa=(f.kappa_start, f.kappa_end),
         beta=(f.beta_start, f.beta_end), ibp_weight=f.ibp_weight,
         reg_weight=f.reg_weight, reg_tol=f.reg_tol, tight_bound=f.tight_bound,

@@ -49,6 +49,7 @@ BAD_FLAGS = {
     "unknown_network": (["--network=resnet50"], r"--network=resnet50.*one of"),
     "negative_epsilon": (["--epsilon=-1"], r"--epsilon must be in \[0, 1\]"),
     "k_above_batch": (["--k=60", "--batch_size=50"], r"--k must be <= --batch_size"),
+    "k_not_a_number": (["--k=many"], r"--k must be an integer >= 1 or 'auto'"),
     "network_dataset_mismatch": (["--dataset=cifar10", "--network=mnist_small"],
                                  r"--network does not take --dataset's images"),
     "missing_model_dir": ([], r"--model_dir must have a value"),
@@ -651,3 +652,28 @@ def test_init_weights_that_do_not_fit_fail_with_a_clear_error(make, match,
                   f"--init_weights={make(tmp_path)}", f"--model_dir={tmp_path / 'r'}")
   with pytest.raises(app.UsageError, match=match):
     train.run(f)
+
+
+def test_k_auto_takes_the_most_points_that_fit_the_memory_budget(parse_flags,
+                                                                 capsys):
+  from mixtrain_tf import api
+  each = 2 * api.per_sample_bytes(networks.build("cifar_large"), "symbolic")
+  f = parse_flags("--flagfile=flags/cifar_large.cfg", "--k=auto", "--batch_size=64",
+                  f"--bound_memory_mb={int(3.5 * each / 2**20) + 1}",
+                  "--model_dir=unused")
+  assert train._resolve_k(f, replicas=1) == 3
+  assert "--k=auto: k=3 points per replica (symbolic bound" in capsys.readouterr().out
+  # Capped by the per-replica batch; a plain --k passes through.
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", "--k=auto", "--batch_size=8",
+                  "--model_dir=unused")
+  assert train._resolve_k(f, replicas=2) == 4
+  f = parse_flags("--flagfile=flags/mnist_small.cfg", "--k=7", "--model_dir=unused")
+  assert train._resolve_k(f, replicas=1) == 7
+
+
+def test_k_auto_refuses_a_budget_too_small_for_one_point(parse_flags):
+  from absl import app
+  f = parse_flags("--flagfile=flags/cifar_large.cfg", "--k=auto",
+                  "--bound_memory_mb=1", "--model_dir=unused")
+  with pytest.raises(app.UsageError, match="raise the budget or give --k"):
+    train._resolve_k(f, replicas=1)
