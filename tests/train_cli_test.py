@@ -249,6 +249,7 @@ SMOKE_CASES = {
     "mnist_small_ibp_eps0.1": ("mnist_small_ibp_eps0.1", [], SLOW),
     "cifar_small_ibp_2": ("cifar_small_ibp_2", [], ()),
     "cifar_small_ibp_8": ("cifar_small_ibp_8", [], SLOW),
+    "mnist_small_mtl_ibp_eps0.3": ("mnist_small_mtl_ibp_eps0.3", [], SLOW),
     "cifar_resnet_interval_1step": (
         "cifar_resnet", BIG + ["--method=interval", "--max_train_examples=10"],
         ()),
