@@ -41,9 +41,12 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
     dataset: batches of (images in [0, 1], labels).
     epsilon: L-inf radius.
     methods: bound methods for verified accuracy (`api.METHODS`), or "bab":
-      complete verification by branch and bound (`mixtrain_tf.bab`) of every
-      correctly classified example, whose leaf also counts "falsified" and
-      "unknown" (time limit `bab_time_limit` seconds per example).
+      complete verification by branch and bound (`mixtrain_tf.bab`), whose leaf
+      also counts "falsified" and "unknown" (time limit `bab_time_limit` seconds
+      per example). It runs after the other methods and only on the examples they
+      left: one that another method proved counts as verified, one misclassified
+      or broken by an attack as falsified. With two methods or more,
+      "verified_any" counts the examples proved by at least one.
     attack_names: attacks for attacked accuracy: "pgd" and/or "interval"
       (docs/method.md 5; needs `network`). Both use pgd_steps, pgd_step_size and
       pgd_restarts.
@@ -54,7 +57,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
 
   Returns:
     {"examples", "epsilon", "clean": {...}, "attacks": {name: {...}},
-     "verified": {method: {...}}}, each leaf with accuracy, count and seconds.
+     "verified": {method: {...}}, "verified_any": {...}}, each leaf with
+    accuracy, count and seconds.
     Raises RuntimeError if verified <= attacked <= clean is violated (a bug).
   """
   _check_names(network, methods, attack_names)
@@ -64,6 +68,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
            seed=tf.constant([seed, 0], tf.int32)), alpha_steps, bab_time_limit)
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
+  if len(methods) > 1:
+    counts["verified/any"] = 0
   if "bab" in methods:
     counts.update({"bab/falsified": 0, "bab/unknown": 0})
   seconds = dict.fromkeys(counts, 0.0)
@@ -114,7 +120,7 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
 def _check_invariant(counts, total, attack_names, methods, result) -> None:
   """verified <= attacked <= clean, or a bound is unsound."""
   ceiling = min([counts["clean"]] + [counts[f"attack/{a}"] for a in attack_names])
-  for m in methods:
+  for m in list(methods) + (["any"] if len(methods) > 1 else []):
     if counts[f"verified/{m}"] > ceiling:
       raise EvaluationError(
           f"verified accuracy ({m}: {counts[f'verified/{m}']}) exceeds attacked or "
@@ -125,12 +131,14 @@ def _check_invariant(counts, total, attack_names, methods, result) -> None:
 def _bab_verdicts(network, epsilon, time_limit):
   """Branch and bound as a verdict function: returns the bab.Result list; an
   example misclassified at x is its own counterexample ("falsified")."""
-  def run(x, y, correct):
+  def run(x, y, known):
+    """known[i]: "verified" or "falsified" when decided before branch and bound
+    (another method's proof, a misclassified x, an attack's counterexample),
+    else None."""
     out = []
-    for xi, yi, ok in zip(x.numpy(), y.numpy(), correct.numpy()):
-      out.append(bab.verify_example(network, xi, yi, float(epsilon),
-                                    time_limit=time_limit) if ok
-                 else bab.Result("falsified", xi))
+    for xi, yi, k in zip(x.numpy(), y.numpy(), known):
+      out.append(bab.Result(k, None) if k else bab.verify_example(
+          network, xi, yi, float(epsilon), time_limit=time_limit))
     return out
   run.is_bab = True
   return run
@@ -176,10 +184,19 @@ def _count_batch(x, y, predict, attack_fns, margin_fns, counts, seconds) -> None
     still = tf.equal(tf.argmax(predict(x_adv), 1, tf.int32), y)
     seconds[f"attack/{a}"] += time.perf_counter() - t
     step[f"attack/{a}"] = tf.logical_and(correct, still)
-  for m, margins in margin_fns.items():
+  # Branch and bound runs last, only where nothing else decided: an example that
+  # a bound method proved is verified, one that an attack broke is falsified.
+  proved = tf.zeros_like(correct)
+  unbroken = correct
+  for a in attack_fns:
+    unbroken = tf.logical_and(unbroken, step[f"attack/{a}"])
+  for m, margins in sorted(margin_fns.items(),
+                           key=lambda item: getattr(item[1], "is_bab", False)):
     t = time.perf_counter()
     if getattr(margins, "is_bab", False):
-      results = margins(x, y, correct)
+      known = ["verified" if p else "falsified" if not u else None
+               for p, u in zip(proved.numpy(), unbroken.numpy())]
+      results = margins(x, y, known)
       ok = tf.constant([r.status == "verified" for r in results])
       for status in ("falsified", "unknown"):
         step[f"bab/{status}"] = tf.constant([r.status == status for r in results])
@@ -187,6 +204,9 @@ def _count_batch(x, y, predict, attack_fns, margin_fns, counts, seconds) -> None
       ok = tf.logical_and(correct, api.is_verified(margins(x, y), y))
     seconds[f"verified/{m}"] += time.perf_counter() - t
     step[f"verified/{m}"] = ok
+    proved = tf.logical_or(proved, ok)
+  if "verified/any" in counts:
+    step["verified/any"] = proved
   for key, ok in step.items():
     counts[key] += int(tf.reduce_sum(tf.cast(ok, tf.int32)))
 
@@ -199,6 +219,9 @@ def _result(counts, seconds, total, epsilon, attack_names, methods,
   out = {"examples": total, "epsilon": float(epsilon), "clean": leaf("clean"),
          "attacks": {a: leaf(f"attack/{a}") for a in attack_names},
          "verified": {m: leaf(f"verified/{m}") for m in methods}}
+  if len(methods) > 1:
+    # Proved by at least one method: each proof is sound, so their union is.
+    out["verified_any"] = leaf("verified/any")
   if "bab" in methods:  # complete verification: every correct point is one of 3
     out["verified"]["bab"].update(falsified=counts["bab/falsified"],
                                   unknown=counts["bab/unknown"])

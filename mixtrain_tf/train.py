@@ -649,7 +649,9 @@ def _evaluate_and_export(f, network, splits, metrics: dict, pgd: dict) -> dict:
   summary = ", ".join([f"clean {result['clean']['accuracy']:.4f}"]
                       + [f"pgd {v['accuracy']:.4f}" for v in result["attacks"].values()]
                       + [f"verified[{k}] {v['accuracy']:.4f}"
-                         for k, v in result["verified"].items()])
+                         for k, v in result["verified"].items()]
+                      + ([f"verified[any] {result['verified_any']['accuracy']:.4f}"]
+                         if "verified_any" in result else []))
   print(f"test ({result['examples']} examples, eps {f.epsilon}): {summary}; "
         f"train {metrics['train_seconds']:.0f} s")
   return metrics

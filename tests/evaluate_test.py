@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import mixtrain_tf
 from mixtrain_tf import evaluation, networks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -88,3 +89,19 @@ def test_a_failing_batch_keeps_the_results_of_the_batches_before():
   partial = err.value.partial_result
   assert partial["examples"] == 4 and partial["complete"] is False
   assert partial["verified"]["interval"]["count"] <= partial["clean"]["count"] <= 4
+
+
+def test_verified_any_is_the_union_of_the_methods_proofs():
+  import zoo
+  model = zoo.mnist_small()
+  x, y = zoo.mnist_test(40)
+  out = evaluation.evaluate(model, [(x, y)], 0.02,
+                            methods=("interval", "symbolic", "crown"),
+                            attack_names=(), verbose=False)
+  per = {m: np.asarray(mixtrain_tf.verified(model, x, y, 0.02, m)) for m in
+         ("interval", "symbolic", "crown")}
+  correct = np.argmax(model.predict(x, verbose=0), 1) == y
+  union = correct & (per["interval"] | per["symbolic"] | per["crown"])
+  assert out["verified_any"]["count"] == int(union.sum())
+  assert out["verified_any"]["count"] >= max(
+      v["count"] for v in out["verified"].values())
