@@ -250,6 +250,10 @@ SMOKE_CASES = {
     "cifar_small_ibp_2": ("cifar_small_ibp_2", [], ()),
     "cifar_small_ibp_8": ("cifar_small_ibp_8", [], SLOW),
     "mnist_small_mtl_ibp_eps0.3": ("mnist_small_mtl_ibp_eps0.3", [], SLOW),
+    "mnist_large_ibp_eps0.3": ("mnist_large_ibp_eps0.3", BIG, SLOW),
+    "cifar_large_ibp_2": ("cifar_large_ibp_2", BIG, SLOW),
+    "cifar_large_ibp_8": ("cifar_large_ibp_8", BIG, SLOW),
+    "cifar_resnet_ibp_2": ("cifar_resnet_ibp_2", BIG, SLOW),
     "cifar_resnet_interval_1step": (
         "cifar_resnet", BIG + ["--method=interval", "--max_train_examples=10"],
         ()),
