@@ -458,3 +458,13 @@ def test_xla_margins_of_a_refused_ball_or_label_are_nan_and_never_verified():
 def test_is_verified_never_counts_a_nan_bound():
   ub = tf.constant([[0.0, -1.0, np.nan], [0.0, -1.0, -2.0]])
   assert api.is_verified(ub, tf.constant([0, 0])).numpy().tolist() == [False, True]
+
+
+@pytest.mark.parametrize("name,measured_mb", [("imagenet200_resnet", 1330),
+                                              ("cifar_large", 1630),
+                                              ("cifar_resnet", 1090),
+                                              ("mnist_large", 965)])
+def test_symbolic_memory_estimate_covers_the_measured_peak(name, measured_mb):
+  """The peaks per example that benchmarks/bounds.py measured (docs/benchmarks.md):
+  the estimate behind chunking and --k=auto must not fall below them."""
+  assert api.per_sample_bytes(networks.build(name), "symbolic") >= measured_mb * 1e6
