@@ -32,7 +32,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
              num_examples: int | None = None, verbose: bool = True,
              predict_fn: Callable | None = None,
              margins_fn: Callable | None = None, seed: int = 0,
-             alpha_steps: int | None = None, bab_time_limit: float = 30.0) -> dict:
+             alpha_steps: int | None = None, bab_time_limit: float = 30.0,
+             jit_compile: bool = False) -> dict:
   """Clean accuracy, accuracy under each attack and verified accuracy per method.
 
   Args:
@@ -54,6 +55,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
     predict_fn: optional images -> logits replacing `network`.
     margins_fn: optional (images, labels, epsilon, method) -> margin upper bounds,
       e.g. a SavedModel's `margins` signature.
+    jit_compile: compile the bound methods' margins with XLA (which drops assert
+      ops: a refused ball then has NaN bounds, which are never verified).
 
   Returns:
     {"examples", "epsilon", "clean": {...}, "attacks": {name: {...}},
@@ -65,7 +68,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
   predict, attack_fns, margin_fns = _functions(
       network, epsilon, methods, attack_names, predict_fn, margins_fn,
       dict(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
-           seed=tf.constant([seed, 0], tf.int32)), alpha_steps, bab_time_limit)
+           seed=tf.constant([seed, 0], tf.int32)), alpha_steps, bab_time_limit,
+      jit_compile)
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
   if len(methods) > 1:
@@ -93,7 +97,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
 
 
 def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
-               pgd: dict, alpha_steps: int | None, bab_time_limit: float):
+               pgd: dict, alpha_steps: int | None, bab_time_limit: float,
+               jit_compile: bool = False):
   """The compiled prediction, attack and margin functions of one evaluation."""
   predict = predict_fn or tf.function(lambda x: network(x, training=False))
   attack_fns = {
@@ -109,7 +114,7 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
     layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
               for m in methods if m != "bab"}
     margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
-        "margin_upper"]) for m in layers}
+        "margin_upper"], jit_compile=jit_compile) for m in layers}
     if "bab" in methods:
       margin_fns["bab"] = _bab_verdicts(network, epsilon, bab_time_limit)
   else:

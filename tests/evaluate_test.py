@@ -105,3 +105,14 @@ def test_verified_any_is_the_union_of_the_methods_proofs():
   assert out["verified_any"]["count"] == int(union.sum())
   assert out["verified_any"]["count"] >= max(
       v["count"] for v in out["verified"].values())
+
+
+def test_xla_evaluation_counts_the_same_proofs():
+  import zoo
+  model = zoo.mnist_small()
+  x, y = zoo.mnist_test(20)
+  kwargs = dict(methods=("interval", "crown_ibp"), attack_names=(), verbose=False)
+  plain = evaluation.evaluate(model, [(x, y)], 0.02, **kwargs)
+  xla = evaluation.evaluate(model, [(x, y)], 0.02, jit_compile=True, **kwargs)
+  for m in ("interval", "crown_ibp"):
+    assert xla["verified"][m]["count"] == plain["verified"][m]["count"], m
