@@ -165,11 +165,13 @@ def test_evaluate_fields_and_counts(mnist):
   model = pretrained.load_authors_mnist_small(AUTHORS_MIXTRAIN)
   result = evaluation.evaluate(model, _batches(x, y, 5), 0.1, pgd_steps=5,
                                num_examples=12, verbose=False)
-  assert set(result) == {"examples", "epsilon", "clean", "attacks", "verified"}
+  assert set(result) == {"examples", "epsilon", "clean", "attacks", "verified",
+                         "verified_any"}
   assert result["examples"] == 12 and result["epsilon"] == pytest.approx(0.1)
   assert set(result["attacks"]) == {"pgd"}
   assert set(result["verified"]) == {"interval", "symbolic"}
-  leaves = [result["clean"], result["attacks"]["pgd"], *result["verified"].values()]
+  leaves = [result["clean"], result["attacks"]["pgd"], *result["verified"].values(),
+            result["verified_any"]]
   for leaf in leaves:
     assert set(leaf) == {"accuracy", "count", "seconds"}
     assert leaf["accuracy"] == pytest.approx(leaf["count"] / 12)
