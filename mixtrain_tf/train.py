@@ -50,7 +50,6 @@ from mixtrain_tf import (
 FLAGS = flags.FLAGS
 _FLAG_NAMES: list[str] = []
 _BUDGET_MAX_EPOCHS = 100_000  # --time_budget_s stops training, not an epoch count
-SAMPLING_METHODS = ("mixtrain", "mixtrain_ibp")  # the methods that take --k
 # Flags that may differ when an unfinished run is resumed: they change where
 # things are read or written, or the final evaluation's batching, not the result.
 RESUME_MAY_DIFFER = ("model_dir", "data_dir", "overwrite", "export",
@@ -223,7 +222,7 @@ def _register_validators():
 def _register_cross_flag_validators():
   flags.register_multi_flags_validator(
       ["k", "batch_size", "method"],
-      lambda f: f["method"] not in SAMPLING_METHODS or f["k"] == "auto"
+      lambda f: f["method"] not in training.SAMPLING_METHODS or f["k"] == "auto"
       or int(f["k"]) <= f["batch_size"],
       "--k must be <= --batch_size.")
   flags.register_multi_flags_validator(
@@ -475,7 +474,7 @@ def _resolve_k(f, replicas: int) -> int:
   fits --bound_memory_mb (estimated by `api.per_sample_bytes`, doubled for the
   values the gradient tape keeps), at most the per-replica batch."""
   per_replica = f.batch_size // replicas
-  if f.method not in SAMPLING_METHODS:
+  if f.method not in training.SAMPLING_METHODS:
     return 1 if f.k == "auto" else int(f.k)
   if f.k != "auto":
     if int(f.k) > per_replica:

@@ -48,6 +48,8 @@ TRAINING_METHODS = ("mixtrain", "clean", "pgd", "interval", "symbolic", "ibp",
 # take the warm-up regularisers); the first three schedule kappa over the ramp.
 IBP_FAMILY = ("ibp", "crown_ibp", "mtl_ibp", "mixtrain_ibp")
 KAPPA_SCHEDULED = ("ibp", "crown_ibp", "mtl_ibp")
+# Methods that bound k points sampled from each replica batch (they take `k`).
+SAMPLING_METHODS = ("mixtrain", "mixtrain_ibp")
 
 
 def robust_loss(network: keras.Model, x: tf.Tensor, y: tf.Tensor, epsilon,
