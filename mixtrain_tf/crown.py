@@ -35,6 +35,9 @@ METHODS = ("crown", "crown_ibp", "alpha_crown")
 #: alpha-CROWN's optimisation: Adam steps and learning rate (slopes live in [0, 1]).
 DEFAULT_ALPHA_STEPS = 20
 ALPHA_LEARNING_RATE = 0.1
+#: alpha-CROWN also optimises the slopes of the CROWN passes that bound this many
+#: of the last ReLU inputs (re-tightening their bounds at every step).
+DEFAULT_ALPHA_LAYERS = 1
 
 
 def _relaxation(pre: IntervalBounds):
@@ -63,12 +66,19 @@ def _bias_dot(rows: tf.Tensor, op: ops.AffineOp) -> tf.Tensor | float:
 
 
 def backward_upper(graph: BoundGraph, z: int, rows: tf.Tensor, pre: dict,
-                   box: IntervalBounds, slopes: dict | None = None) -> tf.Tensor:
+                   box: IntervalBounds, slopes: dict | None = None,
+                   betas: dict | None = None, record: dict | None = None
+                   ) -> tf.Tensor:
   """Upper bound of rows . node_z over the box: rows [B, m, *shape_z] -> [B, m].
 
   `pre[j]` holds interval bounds of the input j of every ReLU between the input and
   z; `slopes[i]` optionally replaces CROWN's lower slope at ReLU node i
-  ([B, m, *shape], used where the neuron is unstable).
+  ([B, m, *shape], used where the neuron is unstable). `betas[j]` ([B, m, *shape_j],
+  beta-CROWN) is added to the coefficients of the ReLU input j: beta * sign for a
+  split neuron with constraint sign * x_j >= 0 and beta >= 0, which makes the bound
+  hold on the split subdomain (see `_optimise_slopes`). `record`, when given,
+  receives for every ReLU input j what its upper-line intercepts add to the bound
+  per neuron, [B, m, *shape_j] (what splitting that neuron could gain).
   """
   nodes = graph.nodes
   adj = {z: rows}
@@ -87,7 +97,11 @@ def backward_upper(graph: BoundGraph, z: int, rows: tf.Tensor, pre: dict,
       if slopes is not None and i in slopes:
         lower_slope = tf.where(unstable[:, None], slopes[i], lower_slope)
       const += ops.rowdot(pos, intercept)
+      if record is not None:
+        record[node.inputs[0]] = pos * intercept[:, None]
       pulled = [pos * s[:, None] + neg * lower_slope]
+      if betas is not None and node.inputs[0] in betas:
+        pulled[0] = pulled[0] + betas[node.inputs[0]]
     elif isinstance(op, ops.AddOp):
       pulled = [a] * len(node.inputs)
     else:
@@ -142,13 +156,10 @@ def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str,
   return pre
 
 
-def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBounds:
-  """CROWN bounds of the neurons of z that interval bounds leave unstable,
-  intersected with the interval bounds. The others keep their interval bounds: a
-  stable neuron's relaxation (y = x or y = 0) does not depend on its bounds, so
-  this loses nothing. Each example gets rows for its own unstable neurons only
-  (padded to the most any example of the batch has): the union over the batch
-  made a batch of 100 cost 4x its examples one by one."""
+def _unstable_rows(graph, z, itv_z: IntervalBounds):
+  """Rows e_k then -e_k ([B, 2k, *shape_z]) for each example's unstable neurons
+  of z (padded with zero rows to the most any example of the batch has), with
+  their indices idx [B, k] and the padding mask valid [B, k]."""
   shape = graph.nodes[z].op.out_shape
   n = int(np.prod(shape))
   lo, up = ops.flat(itv_z.lower), ops.flat(itv_z.upper)  # [B, n]
@@ -162,18 +173,39 @@ def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBoun
   batch = tf.shape(lo)[0]
   eye = tf.one_hot(idx, n) * tf.cast(valid, tf.float32)[..., None]  # [B, k, n]
   eye = tf.reshape(eye, tf.concat([[batch, k], shape], 0))
-  ub = backward_upper(graph, z, tf.concat([eye, -eye], axis=1), pre, box)  # [B, 2k]
+  return tf.concat([eye, -eye], axis=1), idx, valid
+
+
+def _tightened(itv_z: IntervalBounds, idx, valid, ub) -> IntervalBounds:
+  """itv_z intersected with the bounds ub [B, 2k] of the rows of `_unstable_rows`
+  (upper bounds of x_k, then of -x_k)."""
+  k = tf.shape(idx)[1]
+  lo, up = ops.flat(itv_z.lower), ops.flat(itv_z.upper)
+  batch = tf.shape(lo)[0]
   where = tf.stack([tf.broadcast_to(tf.range(batch)[:, None], tf.shape(idx)), idx],
                    axis=-1)  # [B, k, 2]
 
-  def tightened(base, new, keep):
+  def merge(base, new, keep):
     old = tf.gather_nd(base, where)
-    value = tf.where(valid, keep(old, new), old)
+    # new first: at a tie tf.minimum / tf.maximum pass the gradient to their first
+    # argument, and alpha-CROWN's intermediate slopes need it from the start.
+    value = tf.where(valid, keep(new, old), old)
     return tf.reshape(tf.tensor_scatter_nd_update(base, where, value),
                       tf.shape(itv_z.lower))
 
-  return IntervalBounds(tightened(lo, -ub[:, k:], tf.maximum),
-                        tightened(up, ub[:, :k], tf.minimum))
+  return IntervalBounds(merge(lo, -ub[:, k:], tf.maximum),
+                        merge(up, ub[:, :k], tf.minimum))
+
+
+def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBounds:
+  """CROWN bounds of the neurons of z that interval bounds leave unstable,
+  intersected with the interval bounds. The others keep their interval bounds: a
+  stable neuron's relaxation (y = x or y = 0) does not depend on its bounds, so
+  this loses nothing. Each example gets rows for its own unstable neurons only
+  (padded to the most any example of the batch has): the union over the batch
+  made a batch of 100 cost 4x its examples one by one."""
+  rows, idx, valid = _unstable_rows(graph, z, itv_z)
+  return _tightened(itv_z, idx, valid, backward_upper(graph, z, rows, pre, box))
 
 
 def _output_rows(graph: BoundGraph, spec, batch, upper_only: bool) -> tf.Tensor:
@@ -187,57 +219,133 @@ def _output_rows(graph: BoundGraph, spec, batch, upper_only: bool) -> tf.Tensor:
   return rows if upper_only else tf.concat([rows, -rows], axis=1)
 
 
-def _slope_gradient(graph: BoundGraph):
-  """(rows, pre-activation (lower, upper) pairs, box lower, box upper, slopes) ->
-  (upper bounds, their sum's gradient per slope tensor). Run eagerly, it is a
-  tf.function kept on the graph, traced once per shape: eagerly, each of
-  alpha-CROWN's steps cost more in op dispatch than in arithmetic."""
-  relus = [i for i, n in enumerate(graph.nodes) if isinstance(n.op, ops.ReluOp)]
+def _relus(graph: BoundGraph, z: int | None = None) -> list[int]:
+  """ReLU nodes (those before node z when given), in graph order."""
+  before = graph.ancestors(z) if z is not None else range(len(graph.nodes))
+  return [i for i in sorted(before) if isinstance(graph.nodes[i].op, ops.ReluOp)]
 
-  def value_and_grads(rows, pairs, lower, upper, slopes):
-    pre = {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
+
+def _alpha_targets(graph: BoundGraph, layers: int) -> list[int]:
+  """The ReLU inputs whose CROWN bounds alpha-CROWN re-optimises: the last
+  `layers` of those that CROWN bounds (the ones with a ReLU before them)."""
+  zs = []
+  for node in graph.nodes:
+    z = node.inputs[0] if isinstance(node.op, ops.ReluOp) else None
+    if z is not None and z not in zs and _has_relu_before(graph, z):
+      zs.append(z)
+  return zs[max(0, len(zs) - layers):] if layers > 0 else []
+
+
+def _slope_gradient(graph: BoundGraph, targets: tuple, split_keys: tuple):
+  """One alpha-CROWN step: (output rows, pre-activation (lower, upper) pairs, box
+  lower, box upper, target rows [(rows, idx, valid)], splits, variables) ->
+  (output upper bounds, the targets' re-tightened (lower, upper), the gradient of
+  the bounds' sum per variable). The variables are, in order: the output pass's
+  slopes per ReLU, then per target its slopes per ReLU before it and its betas
+  per split key before it, then the output pass's betas per split key. Run
+  eagerly, it is a tf.function kept on the graph, traced once per shape: eagerly,
+  each step cost more in op dispatch than in arithmetic."""
+  relus = _relus(graph)
+  before = [_relus(graph, z) for z in targets]
+  split_before = [[j for j in split_keys if j in graph.ancestors(z)]
+                  for z in targets]
+
+  def value_and_grads(rows, pairs, lower, upper, target_rows, splits, variables):
+    box = IntervalBounds(lower, upper)
     with tf.GradientTape() as tape:
-      tape.watch(slopes)
-      ub = backward_upper(graph, graph.output, rows, pre,
-                          IntervalBounds(lower, upper), dict(zip(relus, slopes)))
+      tape.watch(variables)
+      pre = {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
+      it = iter(variables)
+      out_slopes = {i: next(it) for i in relus}
+      tightened = []
+      for z, relus_z, keys_z, (rows_z, idx, valid) in zip(
+          targets, before, split_before, target_rows):
+        slopes_z = {i: next(it) for i in relus_z}
+        betas_z = {j: next(it) * splits[j][:, None] for j in keys_z}
+        ub_z = backward_upper(graph, z, rows_z, pre, box, slopes_z, betas_z)
+        pre[z] = _apply_split(_tightened(pre[z], idx, valid, ub_z), splits.get(z))
+        tightened.append((pre[z].lower, pre[z].upper))
+      betas = {j: next(it) * splits[j][:, None] for j in split_keys}
+      ub = backward_upper(graph, graph.output, rows, pre, box, out_slopes, betas)
       loss = tf.reduce_sum(ub)
-    grads = tape.gradient(loss, slopes)
-    return ub, [tf.zeros_like(s) if g is None else g for s, g in zip(slopes, grads)]
+    grads = tape.gradient(loss, variables)
+    grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+    return ub, tightened, grads
 
   if not tf.executing_eagerly():
     return value_and_grads
-  compiled = graph.__dict__.get("_alpha_slope_gradient")
-  if compiled is None:
-    compiled = tf.function(value_and_grads, reduce_retracing=True)
-    graph.__dict__["_alpha_slope_gradient"] = compiled
-  return compiled
+  cache = graph.__dict__.setdefault("_alpha_slope_gradient", {})
+  key = (targets, split_keys)
+  if key not in cache:
+    cache[key] = tf.function(value_and_grads, reduce_retracing=True)
+  return cache[key]
 
 
-def _optimise_slopes(graph, rows, pre, box, steps: int) -> tf.Tensor:
-  """alpha-CROWN: the tightest upper bound over projected Adam steps on slopes."""
-  relus = [i for i, n in enumerate(graph.nodes) if isinstance(n.op, ops.ReluOp)]
+def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
+                     splits: dict | None = None, return_pre: bool = False):
+  """alpha-CROWN (and beta-CROWN under `splits`): the tightest upper bound of
+  rows . output over projected Adam steps.
+
+  The variables are the lower slopes of the output pass (per example and row), the
+  slopes of the CROWN passes that bound the last `layers` ReLU inputs (per example
+  and per row of those passes: their bounds are re-tightened at every step and
+  feed the output pass), and, for split neurons, beta >= 0 per example and row of
+  every pass (`backward_upper`'s `betas`).
+  Every slope in [0, 1] and every beta >= 0 gives a sound bound, so each step's
+  bound is sound and the smallest is kept; re-tightened intermediate bounds are
+  intersected with the previous ones. Returns the bound, and with `return_pre`
+  also the pre-activation bounds as re-tightened."""
+  splits = {j: s for j, s in (splits or {}).items() if s is not None}
+  targets = tuple(_alpha_targets(graph, layers))
+  split_keys = tuple(sorted(splits))
   m = tf.shape(rows)[1]
-  slopes = {}
-  for i in relus:
-    _, _, a, _ = _relaxation(pre[graph.nodes[i].inputs[0]])
-    slopes[i] = tf.tile(a[:, None], tf.concat(
-        [[1, m], tf.ones([len(graph.nodes[i].op.out_shape)], tf.int32)], 0))
-  first = [tf.zeros_like(s) for s in slopes.values()]
-  second = [tf.zeros_like(s) for s in slopes.values()]
-  best = None
+
+  def initial_slopes(relus, count):
+    out = []
+    for i in relus:
+      _, _, a, _ = _relaxation(pre[graph.nodes[i].inputs[0]])
+      out.append(tf.tile(a[:, None], tf.concat(
+          [[1, count], tf.ones([len(graph.nodes[i].op.out_shape)], tf.int32)], 0)))
+    return out
+
+  def initial_betas(keys, count):
+    return [tf.zeros(tf.concat([[tf.shape(rows)[0], count],
+                                tf.shape(splits[j])[1:]], 0)) for j in keys]
+
+  variables = initial_slopes(_relus(graph), m)
+  is_beta = [False] * len(variables)
+  target_rows = []
+  for z in targets:
+    rows_z, idx, valid = _unstable_rows(graph, z, pre[z])
+    target_rows.append((rows_z, idx, valid))
+    count = tf.shape(rows_z)[1]
+    slopes_z = initial_slopes(_relus(graph, z), count)
+    betas_z = initial_betas([j for j in split_keys if j in graph.ancestors(z)], count)
+    variables += slopes_z + betas_z
+    is_beta += [False] * len(slopes_z) + [True] * len(betas_z)
+  variables += initial_betas(split_keys, m)
+  is_beta += [True] * len(split_keys)
+  first = [tf.zeros_like(v) for v in variables]
+  second = [tf.zeros_like(v) for v in variables]
   pairs = {j: (b.lower, b.upper) for j, b in pre.items()}
-  value_and_grads = _slope_gradient(graph)
-  for t in range(1, steps + 1):
-    ub, grads = value_and_grads(rows, pairs, box.lower, box.upper,
-                                list(slopes.values()))
+  value_and_grads = _slope_gradient(graph, targets, split_keys)
+  best = None
+  for t in range(1, steps + 2):
+    ub, tightened, grads = value_and_grads(rows, pairs, box.lower, box.upper,
+                                           target_rows, splits, variables)
     best = ub if best is None else tf.minimum(best, ub)
-    for k, (i, g) in enumerate(zip(list(slopes), grads)):
+    pairs.update(zip(targets, tightened))  # sound bounds, tighter or equal
+    if t > steps:
+      break
+    for k, g in enumerate(grads):
       first[k] = 0.9 * first[k] + 0.1 * g
       second[k] = 0.999 * second[k] + 0.001 * g * g
       step = (first[k] / (1 - 0.9**t)) / (tf.sqrt(second[k] / (1 - 0.999**t)) + 1e-8)
-      slopes[i] = tf.clip_by_value(slopes[i] - ALPHA_LEARNING_RATE * step, 0.0, 1.0)
-  ub = backward_upper(graph, graph.output, rows, pre, box, slopes)
-  return ub if best is None else tf.minimum(best, ub)
+      v = variables[k] - ALPHA_LEARNING_RATE * step
+      variables[k] = tf.nn.relu(v) if is_beta[k] else tf.clip_by_value(v, 0.0, 1.0)
+  if return_pre:
+    return best, {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
+  return best
 
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
@@ -257,7 +365,7 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
   rows = _output_rows(graph, spec, batch, upper_only)
   if method == "alpha_crown":
     steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
-    ub = _optimise_slopes(graph, rows, pre, box, steps)
+    ub = _optimise_slopes(graph, rows, pre, box, steps, DEFAULT_ALPHA_LAYERS, splits)
   else:
     ub = backward_upper(graph, graph.output, rows, pre, box)
   if upper_only:

@@ -8,6 +8,7 @@ import functools
 import keras
 import numpy as np
 import pytest
+import zoo
 
 import mixtrain_tf
 from mixtrain_tf import bab, evaluation
@@ -77,6 +78,40 @@ def test_decides_points_crown_cannot():
     assert np.all(ok[alpha]), "a point alpha-CROWN proves must be verified"
     gained += int(np.sum(ok & ~alpha))
   assert gained >= 1
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.06), (2, 0.15)])
+def test_relu_split_verdicts_agree_with_milp(seed, eps):
+  """24 inputs: branch and bound splits ReLUs (with beta-CROWN on the domains).
+  Its verdicts match the exact answer of a MILP: verified only where no point of
+  the ball changes the label, falsified only with a checked counterexample."""
+  import milp  # highspy only here
+  model = zoo.mlp(24, (16, 16), 3, seed=seed)
+  layers = milp.dense_layers(model)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.2, 0.8, (8, 24)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  results = bab.verify(model, x, y, eps, time_limit=30, alpha_steps=5)
+  decided, robust_count = 0, 0
+  for xi, yi, r in zip(x, y, results):
+    values, points = milp.max_margins(layers, np.clip(xi - eps, 0, 1),
+                                      np.clip(xi + eps, 0, 1), int(yi))
+    worst = int(np.argmax(np.where(np.arange(3) == yi, -np.inf, values)))
+    # The MILP's maximiser reproduces its value (the exact answer is exact).
+    margin = milp.forward(layers, points[worst])
+    np.testing.assert_allclose(margin[worst] - margin[yi], values[worst], atol=1e-5)
+    robust = values[worst] < 0
+    robust_count += int(robust)
+    if r.status == "verified":
+      assert robust, f"verified a point with exact worst margin {values[worst]}"
+      decided += 1
+    elif r.status == "falsified":
+      assert not robust
+      assert np.all(np.abs(r.counterexample - xi) <= eps + 1e-6)
+      assert np.argmax(model.predict(r.counterexample[None], verbose=0)[0]) != yi
+      decided += 1
+  assert decided >= 7, [r.status for r in results]
+  assert 0 < robust_count < 8, "the points should mix both answers"
 
 
 def test_evaluate_reports_the_three_verdicts():

@@ -177,3 +177,51 @@ def test_upper_only_gives_the_same_upper_bounds_and_no_lower(method):
                        upper_only=True)
   np.testing.assert_allclose(half.upper, full.upper, rtol=1e-5, atol=1e-5)
   assert np.all(np.isneginf(half.lower.numpy()))
+
+
+def test_beta_crown_bounds_hold_on_split_subdomains():
+  """Under ReLU split constraints, alpha-CROWN with beta multipliers stays above the
+  exact maximum margin on the subdomain (a MILP), is never looser than CROWN with
+  the same splits, and its multipliers tighten some bounds."""
+  import milp  # highspy only here
+  model = zoo.mlp(24, (16, 16), 3, seed=4)
+  layers = milp.dense_layers(model)
+  graph = bound_graph(model)
+  relu_inputs = sorted({n.inputs[0] for n in graph.nodes
+                        if isinstance(n.op, crown.ops.ReluOp)})
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0.2, 0.8, (1, 24)).astype(np.float32)
+  y = int(np.argmax(model.predict(x, verbose=0)[0]))
+  lo, hi = zoo.box(x, 0.1)
+  box = crown.IntervalBounds(tf.constant(lo), tf.constant(hi))
+  pre = crown.pre_activation_bounds(graph, box, "crown")
+  unstable = [(li, k) for li, z in enumerate(relu_inputs)
+              for k in np.flatnonzero((pre[z].lower.numpy()[0] < 0)
+                                      & (pre[z].upper.numpy()[0] > 0))]
+  assert len(unstable) >= 6
+  spec = api.margin_spec(tf.constant([y]), 3)
+  checked = tightened = 0
+  for _ in range(8):
+    chosen = rng.choice(len(unstable), 4, replace=False)
+    signs = {}
+    arrays = {z: np.zeros((1, 16), np.float32) for z in relu_inputs}
+    for c in chosen:
+      li, k = unstable[c]
+      sign = int(rng.choice([-1, 1]))
+      signs.setdefault(li, {})[int(k)] = sign
+      arrays[relu_inputs[li]][0, k] = sign
+    exact = milp.max_margins(layers, lo[0], hi[0], y, signs)
+    if exact is None:
+      continue  # an empty subdomain: every bound holds
+    splits = {z: tf.constant(a) for z, a in arrays.items()}
+    beta = crown.bounds(graph, lo, hi, spec, "alpha_crown", alpha_steps=20,
+                        splits=splits, upper_only=True).upper.numpy()[0]
+    plain = crown.bounds(graph, lo, hi, spec, "crown", splits=splits,
+                         upper_only=True).upper.numpy()[0]
+    others = np.arange(3) != y
+    tol = 1e-5 * max(1.0, np.abs(exact[0]).max())
+    assert np.all(beta[others] >= exact[0][others] - tol), (beta, exact[0])
+    assert np.all(beta <= plain + tol)
+    checked += 1
+    tightened += int(np.any(beta[others] < plain[others] - 1e-4))
+  assert checked >= 4 and tightened >= 1, (checked, tightened)

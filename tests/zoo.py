@@ -137,6 +137,22 @@ def dense_net() -> keras.Model:
 
 
 @functools.cache
+def mlp(n_in: int, widths: tuple, n_out: int, seed: int) -> keras.Model:
+  """Dense layers with ReLU (the kind tests/milp.py solves exactly), weights
+  N(0, 1.5 / sqrt(fan_in)), biases N(0, 0.3)."""
+  keras.utils.set_random_seed(seed)
+  model = keras.Sequential([keras.Input((n_in,))]
+                           + [L.Dense(w, activation="relu") for w in widths]
+                           + [L.Dense(n_out)], name=f"mlp_{seed}")
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    k, b = layer.get_weights()
+    layer.set_weights([rng.normal(0, 1.5 / np.sqrt(k.shape[0]), k.shape),
+                       rng.normal(0, 0.3, b.shape)])
+  return model
+
+
+@functools.cache
 def conv_net() -> keras.Model:
   """Conv2D with strides 1 and 2, same and valid (odd sizes), Activation('relu')."""
   x = inputs = keras.Input((8, 8, 2))
