@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from mixtrain_tf import api, data, networks, ops, training
+from mixtrain_tf import api, data, networks, ops, pretrained, training
 from mixtrain_tf.layers import InputNormalization
 
 try:  # the optional extra (see the docstring); CI never installs it
@@ -99,6 +99,12 @@ flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (trace, caches); 
                      "at least 1.", lower_bound=1)
 flags.DEFINE_integer("alpha_steps", 20, "alpha-CROWN iterations, both libraries.")
 flags.DEFINE_float("logit_tol", 1e-4, "Largest allowed |Keras - torch| logit.")
+flags.DEFINE_string("authors_npz", None, "Bound the MixTrain authors' released "
+                    "MNIST_Small (this .npz, see mixtrain_tf.pretrained) instead of "
+                    "random weights (mnist_small only; training steps keep random "
+                    "weights).")
+flags.DEFINE_float("epsilon", None, "Radius of the bound comparison (default: 0.1 "
+                   "on MNIST, 2/255 on CIFAR-10).")
 
 DATASET = {"mnist_small": "mnist", "mnist_large": "mnist", "cifar_small": "cifar10",
            "cifar_large": "cifar10"}
@@ -382,9 +388,12 @@ def main(argv):
   rows, notes = [], []
   for name in FLAGS.networks:
     dataset = DATASET[name]
-    eps = EPSILON[dataset]
+    eps = EPSILON[dataset] if FLAGS.epsilon is None else FLAGS.epsilon
     keras.utils.set_random_seed(0)
     net = networks.build(name, data.num_classes(dataset))
+    if FLAGS.authors_npz and name == "mnist_small":
+      net = pretrained.load_authors_mnist_small(FLAGS.authors_npz)
+      print(f"{name}: the authors' weights from {FLAGS.authors_npz}")
     tnet = _torch_network(net)
     x, y = _batch(dataset, max(FLAGS.bound_batch, FLAGS.train_batch))
     with torch.no_grad():
@@ -407,8 +416,9 @@ def main(argv):
       keras.utils.set_random_seed(0)
       net_t = networks.build(name, data.num_classes(dataset))
       tnet_t = _torch_network(net_t)
-      ours, our_loss, how = _our_step(net_t, method, xt, yt, eps)
-      theirs, their_loss = _their_step(tnet_t, method, xt, yt, eps)
+      eps_t = EPSILON[dataset]
+      ours, our_loss, how = _our_step(net_t, method, xt, yt, eps_t)
+      theirs, their_loss = _their_step(tnet_t, method, xt, yt, eps_t)
       notes.append(f"{name} train {method}: ours = {how}; first loss ours "
                    f"{our_loss:.6f}, auto_LiRPA {their_loss:.6f}")
       rows.append((name, f"train step {method} / {LIRPA_TRAIN[method]} "
@@ -416,7 +426,10 @@ def main(argv):
                    f"{abs(our_loss - their_loss):.2e} (loss)", ""))
       print(rows[-1], flush=True)
   print(f"\nload average at end: {os.getloadavg()}")
-  print(f"\neps: mnist {EPSILON['mnist']}, cifar10 {EPSILON['cifar10']:.5f}; "
+  bound_eps = ("" if FLAGS.epsilon is None
+               else f" (bounds: eps {FLAGS.epsilon:g})")
+  print(f"\neps: mnist {EPSILON['mnist']}, cifar10 {EPSILON['cifar10']:.5f}"
+        f"{bound_eps}; "
         f"median of {FLAGS.runs} bound calls ({max(2, FLAGS.runs // 5)} for "
         f"alpha_crown), {FLAGS.steps} train steps, after {FLAGS.warmup} warm-up "
         f"calls\n")

@@ -78,6 +78,9 @@ class _Bounder:
     self.spec = api.margin_spec(tf.constant([int(y)]), self.graph.num_outputs)
     self.y = int(y)
     self.alpha_steps = alpha_steps
+    #: Output-pass slopes {ReLU node: [1, m, *shape]} that every domain starts
+    #: from (the root's optimised ones, once set; any slopes are sound).
+    self.slopes = None
 
   def __call__(self, lo: np.ndarray, hi: np.ndarray, splits: dict[int, np.ndarray],
                pre: dict | None = None):
@@ -103,12 +106,15 @@ class _Bounder:
     rows = tf.reshape(spec, tf.concat([tf.shape(spec)[:2], self.graph.output_shape],
                                       0))
     record = {}
+    slopes = None if self.slopes is None else {
+        i: tf.repeat(a, d, axis=0) for i, a in self.slopes.items()}
     ub = crown.backward_upper(self.graph, self.graph.output, rows, bounds, box,
-                              record=record)
+                              slopes, record=record)
     if self.alpha_steps:
-      ub, bounds = crown._optimise_slopes(
+      ub, bounds, final = crown._optimise_slopes(
           self.graph, rows, bounds, box, self.alpha_steps, crown.DEFAULT_ALPHA_LAYERS,
-          sp, return_pre=True)
+          sp, return_pre=True, init_slopes=slopes)
+      self.last_slopes = final
     ub = ub.numpy()
     ub[:, self.y] = -np.inf
     worst = np.argmax(ub, axis=1)
@@ -185,10 +191,11 @@ def verify_example(model, x, y, epsilon, clip=(0.0, 1.0), time_limit: float = 30
   split_input = bounder.lo.size <= INPUT_SPLIT_DIMS
   todo, seen = [root], 0
   if root_steps:
-    worst, pre = _Bounder(model, x, y, epsilon, clip, root_steps)(
-        *_stack([root], sizes))
+    root_bounder = _Bounder(model, x, y, epsilon, clip, root_steps)
+    worst, pre = root_bounder(*_stack([root], sizes))
     if worst[0] < 0:
       return Result("verified", None, 1, time.perf_counter() - start)
+    bounder.slopes = root_bounder.last_slopes  # domains start from them
     seen = 1
     if not split_input:
       todo = _children(root, {z: tuple(b[0] for b in v) for z, v in pre.items()})

@@ -282,7 +282,8 @@ def _slope_gradient(graph: BoundGraph, targets: tuple, split_keys: tuple):
 
 
 def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
-                     splits: dict | None = None, return_pre: bool = False):
+                     splits: dict | None = None, return_pre: bool = False,
+                     init_slopes: dict | None = None):
   """alpha-CROWN (and beta-CROWN under `splits`): the tightest upper bound of
   rows . output over projected Adam steps.
 
@@ -293,8 +294,10 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
   every pass (`backward_upper`'s `betas`).
   Every slope in [0, 1] and every beta >= 0 gives a sound bound, so each step's
   bound is sound and the smallest is kept; re-tightened intermediate bounds are
-  intersected with the previous ones. Returns the bound, and with `return_pre`
-  also the pre-activation bounds as re-tightened."""
+  intersected with the previous ones. `init_slopes` ({ReLU node: [B or 1, m,
+  *shape]}) starts the output pass's slopes there instead of at CROWN's choice.
+  Returns the bound, and with `return_pre` also the pre-activation bounds as
+  re-tightened and the output pass's final slopes."""
   splits = {j: s for j, s in (splits or {}).items() if s is not None}
   targets = tuple(_alpha_targets(graph, layers))
   split_keys = tuple(sorted(splits))
@@ -313,6 +316,9 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
                                 tf.shape(splits[j])[1:]], 0)) for j in keys]
 
   variables = initial_slopes(_relus(graph), m)
+  if init_slopes is not None:
+    variables = [tf.broadcast_to(init_slopes[i], tf.shape(v)) if i in init_slopes
+                 else v for i, v in zip(_relus(graph), variables)]
   is_beta = [False] * len(variables)
   target_rows = []
   for z in targets:
@@ -344,7 +350,9 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
       v = variables[k] - ALPHA_LEARNING_RATE * step
       variables[k] = tf.nn.relu(v) if is_beta[k] else tf.clip_by_value(v, 0.0, 1.0)
   if return_pre:
-    return best, {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
+    relus = _relus(graph)
+    return (best, {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()},
+            dict(zip(relus, variables[:len(relus)])))
   return best
 
 
