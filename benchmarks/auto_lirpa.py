@@ -16,6 +16,9 @@ also has this package (its own TensorFlow comes with it):
     pip install -e ".[benchmark]"   # from this repository's root
     taskset -c 0 python benchmarks/auto_lirpa.py
 
+With --authors_npz (and e.g. --epsilon=0.3) the bounds of mnist_small use the
+MixTrain authors' released weights instead (training steps keep random weights).
+
 Each network of `mixtrain_tf.networks` (random weights, seed 0) is rebuilt in
 PyTorch from its Keras weights (NHWC -> NCHW; Flatten's (h, w, c) order is permuted
 into the first Dense layer; InputNormalization becomes the first torch op), and its

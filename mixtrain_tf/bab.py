@@ -7,8 +7,10 @@ pass confirms) or "unknown" (the time or domain limit was reached first).
 1. PGD (restarts, margin objective) looks for a counterexample in the ball.
 2. Otherwise the ball is the first domain; alpha-CROWN bounds it. Domains are then
    bounded in batches with alpha-CROWN and beta-CROWN's split multipliers
-   (`alpha_steps` steps; 0 gives plain CROWN) under their split constraints; a
-   domain whose every margin upper bound is < 0 is proven. An open
+   (`alpha_steps` steps; 0, the default, gives one CROWN output pass) under their
+   split constraints, starting from the root's optimised slopes and, for ReLU
+   splits, from the parent's ReLU input bounds; a domain whose every margin upper
+   bound is < 0 is proven. An open
    domain is split in two children that cover it, so proving all leaves proves
    the ball:
    * inputs of at most `INPUT_SPLIT_DIMS` values: the box is bisected along its
@@ -166,7 +168,7 @@ def _bisect(domain: dict) -> list[dict]:
 
 
 def verify_example(model, x, y, epsilon, clip=(0.0, 1.0), time_limit: float = 30.0,
-                   max_domains: int = 20000, batch: int = 64,
+                   max_domains: int = 100_000, batch: int = 64,
                    alpha_steps: int = DOMAIN_ALPHA_STEPS,
                    root_alpha_steps: int | None = None,
                    attack_restarts: int = 5, attack_steps: int = 100,
