@@ -225,3 +225,28 @@ def test_beta_crown_bounds_hold_on_split_subdomains():
     checked += 1
     tightened += int(np.any(beta[others] < plain[others] - 1e-4))
   assert checked >= 4 and tightened >= 1, (checked, tightened)
+
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.06), (2, 0.15)])
+def test_every_bound_is_above_the_exact_maximum_margin(seed, eps):
+  """Against a MILP's exact worst margin over the ball (24-input networks with
+  many unstable ReLUs): every method's margin bound is above it, and the CROWN
+  family is ordered exact <= alpha_crown <= crown."""
+  import milp  # highspy only here
+  model = zoo.mlp(24, (16, 16), 3, seed=seed)
+  layers = milp.dense_layers(model)
+  x = np.random.default_rng(seed).uniform(0.2, 0.8, (6, 24)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  lo, hi = zoo.box(x, eps)
+  exact = np.stack([milp.max_margins(layers, lo[i], hi[i], int(y[i]))[0]
+                    for i in range(len(x))])
+  bounds = {m: mixtrain_tf.margin_upper_bounds(model, x, y, eps, m).numpy()
+            for m in ("interval", "symbolic", "crown_ibp", "crown", "alpha_crown")}
+  others = np.arange(3)[None, :] != y[:, None]
+  tol = 1e-5 * np.maximum(1.0, np.abs(exact))
+  for m, ub in bounds.items():
+    assert np.all((ub >= exact - tol)[others]), (m, ub - exact)
+  assert np.all((bounds["alpha_crown"] <= bounds["crown"] + tol)[others])
+  # Not vacuous: alpha-CROWN closes much of the interval bound's gap.
+  gap = {m: np.mean((ub - exact)[others]) for m, ub in bounds.items()}
+  assert gap["alpha_crown"] < 0.5 * gap["interval"], gap
