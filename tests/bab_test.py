@@ -13,20 +13,10 @@ import zoo
 import mixtrain_tf
 from mixtrain_tf import bab, evaluation
 
-L = keras.layers
 
 
-@functools.cache
 def _two_input_net(seed: int) -> keras.Model:
-  keras.utils.set_random_seed(seed)
-  model = keras.Sequential([keras.Input((2,)), L.Dense(12, activation="relu"),
-                            L.Dense(12, activation="relu"), L.Dense(3)])
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    k, b = layer.get_weights()
-    layer.set_weights([rng.normal(0, 1.5 / np.sqrt(k.shape[0]), k.shape),
-                       rng.normal(0, 0.3, b.shape)])
-  return model
+  return zoo.mlp(2, (12, 12), 3, seed)
 
 
 def _grid_labels(model, x, eps, n=301):
