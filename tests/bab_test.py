@@ -14,7 +14,6 @@ import mixtrain_tf
 from mixtrain_tf import bab, evaluation
 
 
-
 def _two_input_net(seed: int) -> keras.Model:
   return zoo.mlp(2, (12, 12), 3, seed)
 
