@@ -83,6 +83,8 @@ class _Bounder:
     #: Output-pass slopes {ReLU node: [1, m, *shape]} that every domain starts
     #: from (the root's optimised ones, once set; any slopes are sound).
     self.slopes = None
+    #: The optimised slopes of the last call (with alpha_steps > 0).
+    self.last_slopes = None
 
   def __call__(self, lo: np.ndarray, hi: np.ndarray, splits: dict[int, np.ndarray],
                pre: dict | None = None):

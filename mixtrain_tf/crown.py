@@ -315,10 +315,11 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
     return [tf.zeros(tf.concat([[tf.shape(rows)[0], count],
                                 tf.shape(splits[j])[1:]], 0)) for j in keys]
 
-  variables = initial_slopes(_relus(graph), m)
+  relus = _relus(graph)
+  variables = initial_slopes(relus, m)
   if init_slopes is not None:
     variables = [tf.broadcast_to(init_slopes[i], tf.shape(v)) if i in init_slopes
-                 else v for i, v in zip(_relus(graph), variables)]
+                 else v for i, v in zip(relus, variables)]
   is_beta = [False] * len(variables)
   target_rows = []
   for z in targets:
@@ -350,7 +351,6 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
       v = variables[k] - ALPHA_LEARNING_RATE * step
       variables[k] = tf.nn.relu(v) if is_beta[k] else tf.clip_by_value(v, 0.0, 1.0)
   if return_pre:
-    relus = _relus(graph)
     return (best, {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()},
             dict(zip(relus, variables[:len(relus)])))
   return best
