@@ -247,22 +247,27 @@ def ball_margins(model: keras.Model, x, y, epsilon, method: str = "symbolic",
 
   The building block of training, evaluation and the SavedModel's `margins`
   signature: works inside `tf.function`, no chunking (see `margin_upper_bounds`).
+  alpha_crown optimises only the examples that CROWN does not verify and whose
+  centre is classified y (`crown.bounds`' `stop_below` = 0); the others keep
+  their CROWN bounds.
   """
   lower, upper = input_box(x, epsilon, clip_min, clip_max)
   n_out = int(np.prod(bound_graph(model).output_shape))
   return bound_box(model, lower, upper, method, spec=margin_spec(y, n_out),
-                   alpha_steps=alpha_steps, upper_only=True).upper
+                   alpha_steps=alpha_steps, upper_only=True, stop_below=0.0).upper
 
 
 @tf.autograph.experimental.do_not_convert
 def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
               method: str = "symbolic", spec: tf.Tensor | None = None,
-              alpha_steps: int | None = None, upper_only: bool = False
+              alpha_steps: int | None = None, upper_only: bool = False,
+              stop_below: float | None = None
               ) -> IntervalBounds | SymbolicBounds:
   """Bounds of the output (or spec @ output) over the box [lower, upper].
 
   `upper_only`: the caller reads only `.upper` (margins); the CROWN family then
   skips the lower bounds' backward pass and returns -inf lower bounds.
+  `stop_below`: see `crown.bounds` (alpha_crown with `upper_only` only).
 
   No input checks and no chunking: the building block for training steps
   (works inside `tf.function`). `spec` is [batch, m, num_outputs]. `alpha_steps`:
@@ -289,7 +294,7 @@ def bound_box(model: keras.Model, lower: tf.Tensor, upper: tf.Tensor,
     out = symbolic.bounds(graph, _plan(graph), lower, upper, spec)
   else:
     out = crown.bounds(graph, lower, upper, spec, method, alpha_steps,
-                       upper_only=upper_only)
+                       upper_only=upper_only, stop_below=stop_below)
   return _map_tensors(lambda t: t[:n], out)
 
 

@@ -5,7 +5,8 @@ clipped ball changes the label), "falsified" (with a counterexample that a forwa
 pass confirms) or "unknown" (the time or domain limit was reached first).
 
 1. PGD (restarts, margin objective) looks for a counterexample in the ball.
-2. Otherwise the ball is the first domain; alpha-CROWN bounds it. Domains are then
+2. Otherwise the ball is the first domain; alpha-CROWN bounds it (its ReLU input
+   bounds optimised layer by layer, which the domains inherit). Domains are then
    bounded in batches with alpha-CROWN and beta-CROWN's split multipliers
    (`alpha_steps` steps; 0, the default, gives one CROWN output pass) under their
    split constraints, starting from the root's optimised slopes and, for ReLU
@@ -15,9 +16,8 @@ pass confirms) or "unknown" (the time or domain limit was reached first).
    the ball:
    * inputs of at most `INPUT_SPLIT_DIMS` values: the box is bisected along its
      widest side (complete in the limit: bounds of small boxes are tight);
-   * larger inputs (images): on the unstable ReLU with the widest relaxation
-     (largest u * -l / (u - l), the gap of the triangle), into "pre-activation
-     >= 0" and "<= 0".
+   * larger inputs (images): on an unstable ReLU (BaBSR's intercept score, see
+     `_branch`), into "pre-activation >= 0" and "<= 0".
 3. A domain with no unstable ReLU left cannot be split further; if it is still not
    proven the answer is "unknown" (its bound is exact only at the optimum of the
    betas, which a few steps need not reach).
@@ -100,7 +100,8 @@ class _Bounder:
     sp = {z: tf.reshape(tf.constant(s, tf.float32), shapes[z])
           for z, s in splits.items()}
     if pre is None:
-      bounds = crown.pre_activation_bounds(self.graph, box, "crown", sp)
+      bounds = crown.pre_activation_bounds(self.graph, box, "crown", sp,
+                                           self.alpha_steps)
     else:
       bounds = {z: crown._apply_split(IntervalBounds(
           tf.reshape(tf.constant(l, tf.float32), shapes[z]),
@@ -115,10 +116,9 @@ class _Bounder:
     ub = crown.backward_upper(self.graph, self.graph.output, rows, bounds, box,
                               slopes, record=record)
     if self.alpha_steps:
-      ub, bounds, final = crown._optimise_slopes(
-          self.graph, rows, bounds, box, self.alpha_steps, crown.DEFAULT_ALPHA_LAYERS,
-          sp, return_pre=True, init_slopes=slopes)
-      self.last_slopes = final
+      ub, self.last_slopes = crown._optimise_slopes(
+          self.graph, self.graph.output, rows, bounds, box, self.alpha_steps, sp,
+          init_slopes=slopes)
     ub = ub.numpy()
     ub[:, self.y] = -np.inf
     worst = np.argmax(ub, axis=1)

@@ -17,9 +17,10 @@ sound, so the result is sound whatever the slopes.
   (intersected with interval bounds, which is still sound).
 * `crown_ibp`: the same backward pass for the output, with interval bounds for
   every ReLU (CROWN-IBP, cheap enough for training).
-* `alpha_crown`: CROWN's intermediate bounds, then the lower slopes of the output
-  pass are optimised per example and per specification row by projected Adam
-  steps to tighten the bound; the tightest bound met at any step is kept.
+* `alpha_crown`: the lower slopes are optimised by projected Adam steps, per
+  example and row, to tighten each bound; the tightest bound met at any step is
+  kept. Layer by layer, each ReLU input's neurons that CROWN leaves unstable are
+  bounded again with their own optimised slopes, then the output rows.
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ METHODS = ("crown", "crown_ibp", "alpha_crown")
 #: alpha-CROWN's optimisation: Adam steps and learning rate (slopes live in [0, 1]).
 DEFAULT_ALPHA_STEPS = 20
 ALPHA_LEARNING_RATE = 0.1
-#: alpha-CROWN also optimises the slopes of the CROWN passes that bound this many
-#: of the last ReLU inputs (re-tightening their bounds at every step).
-DEFAULT_ALPHA_LAYERS = 1
 
 
 def _relaxation(pre: IntervalBounds):
@@ -135,9 +133,14 @@ def _apply_split(b: IntervalBounds, split) -> IntervalBounds:
 
 
 def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str,
-                          splits: dict | None = None) -> dict[int, IntervalBounds]:
+                          splits: dict | None = None,
+                          alpha_steps: int = 0) -> dict[int, IntervalBounds]:
   """Bounds of every ReLU's input: interval (crown_ibp) or CROWN (crown, alpha).
 
+  `alpha_steps` > 0 (alpha-CROWN): the neurons CROWN leaves unstable are then
+  bounded again with their own lower slopes (per example and neuron, for each of
+  its two bounds) optimised by that many steps (`_optimise_slopes`), layer by
+  layer, each layer's pass using the layers before as tightened.
   `splits[z]` ([B, *shape_z] of -1, 0, +1) restricts the box to the subdomain
   where those pre-activations are <= 0 / >= 0 (branch and bound): bounds are then
   valid on the subdomain only."""
@@ -151,8 +154,12 @@ def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str,
     if method == "crown_ibp" or not _has_relu_before(graph, z):
       pre[z] = _apply_split(itv[z], splits.get(z))  # exact for an affine map
       continue
-    pre[z] = _apply_split(_tighten_unstable(graph, z, itv[z], pre, box),
-                          splits.get(z))
+    b = _apply_split(_tighten_unstable(graph, z, itv[z], pre, box), splits.get(z))
+    if alpha_steps:
+      rows, idx, valid = _unstable_rows(graph, z, b)
+      ub, _ = _optimise_slopes(graph, z, rows, pre, box, alpha_steps, splits)
+      b = _apply_split(_tightened(b, idx, valid, ub), splits.get(z))
+    pre[z] = b
   return pre
 
 
@@ -187,8 +194,6 @@ def _tightened(itv_z: IntervalBounds, idx, valid, ub) -> IntervalBounds:
 
   def merge(base, new, keep):
     old = tf.gather_nd(base, where)
-    # new first: at a tie tf.minimum / tf.maximum pass the gradient to their first
-    # argument, and alpha-CROWN's intermediate slopes need it from the start.
     value = tf.where(valid, keep(new, old), old)
     return tf.reshape(tf.tensor_scatter_nd_update(base, where, value),
                       tf.shape(itv_z.lower))
@@ -225,123 +230,71 @@ def _relus(graph: BoundGraph, z: int | None = None) -> list[int]:
   return [i for i in sorted(before) if isinstance(graph.nodes[i].op, ops.ReluOp)]
 
 
-def _alpha_targets(graph: BoundGraph, layers: int) -> list[int]:
-  """The ReLU inputs whose CROWN bounds alpha-CROWN re-optimises: the last
-  `layers` of those that CROWN bounds (the ones with a ReLU before them)."""
-  zs = []
-  for node in graph.nodes:
-    z = node.inputs[0] if isinstance(node.op, ops.ReluOp) else None
-    if z is not None and z not in zs and _has_relu_before(graph, z):
-      zs.append(z)
-  return zs[max(0, len(zs) - layers):] if layers > 0 else []
+def _slope_gradient(graph: BoundGraph, z: int, split_keys: tuple):
+  """One alpha/beta-CROWN step of the backward pass from node z: (rows, {ReLU
+  input: (lower, upper)}, box lower, box upper, splits, variables) -> (upper
+  bounds [B, m], the gradient of their sum per variable). The variables are the
+  lower slopes per ReLU before z, then the betas per split key. Run eagerly, it
+  is a tf.function kept on the graph, traced once per shape: eagerly, each step
+  cost more in op dispatch than in arithmetic."""
+  relus = _relus(graph, z)
 
-
-def _slope_gradient(graph: BoundGraph, targets: tuple, split_keys: tuple):
-  """One alpha-CROWN step: (output rows, pre-activation (lower, upper) pairs, box
-  lower, box upper, target rows [(rows, idx, valid)], splits, variables) ->
-  (output upper bounds, the targets' re-tightened (lower, upper), the gradient of
-  the bounds' sum per variable). The variables are, in order: the output pass's
-  slopes per ReLU, then per target its slopes per ReLU before it and its betas
-  per split key before it, then the output pass's betas per split key. Run
-  eagerly, it is a tf.function kept on the graph, traced once per shape: eagerly,
-  each step cost more in op dispatch than in arithmetic."""
-  relus = _relus(graph)
-  before = [_relus(graph, z) for z in targets]
-  split_before = [[j for j in split_keys if j in graph.ancestors(z)]
-                  for z in targets]
-
-  def value_and_grads(rows, pairs, lower, upper, target_rows, splits, variables):
+  def value_and_grads(rows, pairs, lower, upper, splits, variables):
     box = IntervalBounds(lower, upper)
+    pre = {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
     with tf.GradientTape() as tape:
       tape.watch(variables)
-      pre = {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
-      it = iter(variables)
-      out_slopes = {i: next(it) for i in relus}
-      tightened = []
-      for z, relus_z, keys_z, (rows_z, idx, valid) in zip(
-          targets, before, split_before, target_rows):
-        slopes_z = {i: next(it) for i in relus_z}
-        betas_z = {j: next(it) * splits[j][:, None] for j in keys_z}
-        ub_z = backward_upper(graph, z, rows_z, pre, box, slopes_z, betas_z)
-        pre[z] = _apply_split(_tightened(pre[z], idx, valid, ub_z), splits.get(z))
-        tightened.append((pre[z].lower, pre[z].upper))
-      betas = {j: next(it) * splits[j][:, None] for j in split_keys}
-      ub = backward_upper(graph, graph.output, rows, pre, box, out_slopes, betas)
+      slopes = dict(zip(relus, variables))
+      betas = {j: b * splits[j][:, None]
+               for j, b in zip(split_keys, variables[len(relus):])}
+      ub = backward_upper(graph, z, rows, pre, box, slopes, betas)
       loss = tf.reduce_sum(ub)
     grads = tape.gradient(loss, variables)
-    grads = [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
-    return ub, tightened, grads
+    return ub, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
 
-  if not tf.executing_eagerly():
-    return value_and_grads
   cache = graph.__dict__.setdefault("_alpha_slope_gradient", {})
-  key = (targets, split_keys)
-  if key not in cache:
-    cache[key] = tf.function(value_and_grads, reduce_retracing=True)
-  return cache[key]
+  if (z, split_keys) not in cache:
+    cache[z, split_keys] = tf.function(value_and_grads, reduce_retracing=True)
+  return cache[z, split_keys]
 
 
-def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
-                     splits: dict | None = None, return_pre: bool = False,
-                     init_slopes: dict | None = None):
+def _optimise_slopes(graph, z, rows, pre, box, steps: int,
+                     splits: dict | None = None, init_slopes: dict | None = None):
   """alpha-CROWN (and beta-CROWN under `splits`): the tightest upper bound of
-  rows . output over projected Adam steps.
+  rows . node_z over projected Adam steps on the backward pass from z.
 
-  The variables are the lower slopes of the output pass (per example and row), the
-  slopes of the CROWN passes that bound the last `layers` ReLU inputs (per example
-  and per row of those passes: their bounds are re-tightened at every step and
-  feed the output pass), and, for split neurons, beta >= 0 per example and row of
-  every pass (`backward_upper`'s `betas`).
-  Every slope in [0, 1] and every beta >= 0 gives a sound bound, so each step's
-  bound is sound and the smallest is kept; re-tightened intermediate bounds are
-  intersected with the previous ones. `init_slopes` ({ReLU node: [B or 1, m,
-  *shape]}) starts the output pass's slopes there instead of at CROWN's choice.
-  Returns the bound, and with `return_pre` also the pre-activation bounds as
-  re-tightened and the output pass's final slopes."""
-  splits = {j: s for j, s in (splits or {}).items() if s is not None}
-  targets = tuple(_alpha_targets(graph, layers))
+  The variables are the lower slopes of the ReLUs before z, per example and row,
+  and, for split neurons before z, beta >= 0 per example and row
+  (`backward_upper`'s `betas`). Every slope in [0, 1] and every beta >= 0 gives a
+  sound bound, so each step's bound is sound and the smallest is kept.
+  `init_slopes` ({ReLU node: [B or 1, m, *shape]}) starts the slopes there
+  instead of at CROWN's choice. Returns the bound [B, m] and the final slopes."""
+  ancestors = graph.ancestors(z)
+  splits = {j: s for j, s in (splits or {}).items()
+            if s is not None and j in ancestors}
   split_keys = tuple(sorted(splits))
-  m = tf.shape(rows)[1]
-
-  def initial_slopes(relus, count):
-    out = []
-    for i in relus:
-      _, _, a, _ = _relaxation(pre[graph.nodes[i].inputs[0]])
-      out.append(tf.tile(a[:, None], tf.concat(
-          [[1, count], tf.ones([len(graph.nodes[i].op.out_shape)], tf.int32)], 0)))
-    return out
-
-  def initial_betas(keys, count):
-    return [tf.zeros(tf.concat([[tf.shape(rows)[0], count],
-                                tf.shape(splits[j])[1:]], 0)) for j in keys]
-
-  relus = _relus(graph)
-  variables = initial_slopes(relus, m)
-  if init_slopes is not None:
-    variables = [tf.broadcast_to(init_slopes[i], tf.shape(v)) if i in init_slopes
-                 else v for i, v in zip(relus, variables)]
-  is_beta = [False] * len(variables)
-  target_rows = []
-  for z in targets:
-    rows_z, idx, valid = _unstable_rows(graph, z, pre[z])
-    target_rows.append((rows_z, idx, valid))
-    count = tf.shape(rows_z)[1]
-    slopes_z = initial_slopes(_relus(graph, z), count)
-    betas_z = initial_betas([j for j in split_keys if j in graph.ancestors(z)], count)
-    variables += slopes_z + betas_z
-    is_beta += [False] * len(slopes_z) + [True] * len(betas_z)
-  variables += initial_betas(split_keys, m)
-  is_beta += [True] * len(split_keys)
+  relus = _relus(graph, z)
+  batch, m = tf.shape(rows)[0], tf.shape(rows)[1]
+  variables = []
+  for i in relus:
+    shape = graph.nodes[i].op.out_shape
+    if init_slopes is not None and i in init_slopes:
+      a = init_slopes[i]
+    else:
+      a = _relaxation(pre[graph.nodes[i].inputs[0]])[2][:, None]
+    variables.append(tf.broadcast_to(a, tf.concat([[batch, m], shape], 0)))
+  variables += [tf.zeros(tf.concat([[batch, m], tf.shape(splits[j])[1:]], 0))
+                for j in split_keys]
   first = [tf.zeros_like(v) for v in variables]
   second = [tf.zeros_like(v) for v in variables]
-  pairs = {j: (b.lower, b.upper) for j, b in pre.items()}
-  value_and_grads = _slope_gradient(graph, targets, split_keys)
+  pairs = {graph.nodes[i].inputs[0]: (pre[graph.nodes[i].inputs[0]].lower,
+                                      pre[graph.nodes[i].inputs[0]].upper)
+           for i in relus}
+  value_and_grads = _slope_gradient(graph, z, split_keys)
   best = None
   for t in range(1, steps + 2):
-    ub, tightened, grads = value_and_grads(rows, pairs, box.lower, box.upper,
-                                           target_rows, splits, variables)
+    ub, grads = value_and_grads(rows, pairs, box.lower, box.upper, splits, variables)
     best = ub if best is None else tf.minimum(best, ub)
-    pairs.update(zip(targets, tightened))  # sound bounds, tighter or equal
     if t > steps:
       break
     for k, g in enumerate(grads):
@@ -349,37 +302,69 @@ def _optimise_slopes(graph, rows, pre, box, steps: int, layers: int = 0,
       second[k] = 0.999 * second[k] + 0.001 * g * g
       step = (first[k] / (1 - 0.9**t)) / (tf.sqrt(second[k] / (1 - 0.999**t)) + 1e-8)
       v = variables[k] - ALPHA_LEARNING_RATE * step
-      variables[k] = tf.nn.relu(v) if is_beta[k] else tf.clip_by_value(v, 0.0, 1.0)
-  if return_pre:
-    return (best, {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()},
-            dict(zip(relus, variables[:len(relus)])))
-  return best
+      variables[k] = (tf.nn.relu(v) if k >= len(relus)
+                      else tf.clip_by_value(v, 0.0, 1.0))
+  return best, dict(zip(relus, variables[:len(relus)]))
 
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
            spec: tf.Tensor | None = None, method: str = "crown",
            alpha_steps: int | None = None, splits: dict | None = None,
-           upper_only: bool = False) -> IntervalBounds:
+           upper_only: bool = False, stop_below: float | None = None
+           ) -> IntervalBounds:
   """Bounds of the output (or of spec [B, m, n_out] @ output), [B, m].
 
   With `splits` (see `pre_activation_bounds`) the bounds hold on the subdomain.
   `upper_only` skips the lower bounds' backward pass (half the output pass) and
-  returns -inf for them (trivially sound): margins need only upper bounds."""
+  returns -inf for them (trivially sound): margins need only upper bounds.
+  `stop_below` (alpha_crown, with `upper_only`): an example is optimised only if
+  CROWN leaves one of its upper bounds >= stop_below and none of its rows is
+  >= stop_below at the box's centre (no bound could then bring it below); the
+  others keep their CROWN bounds. Verification (margins < 0) needs no more."""
   if method not in METHODS:
     raise ValueError(f"unknown CROWN method {method!r}; choose one of {METHODS}.")
   box = IntervalBounds(lower, upper)
+  steps = 0
+  if method == "alpha_crown":
+    steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
   pre = pre_activation_bounds(graph, box, method, splits)
   batch = tf.shape(lower)[0]
   rows = _output_rows(graph, spec, batch, upper_only)
-  if method == "alpha_crown":
-    steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
-    ub = _optimise_slopes(graph, rows, pre, box, steps, DEFAULT_ALPHA_LAYERS, splits)
-  else:
-    ub = backward_upper(graph, graph.output, rows, pre, box)
+  ub = backward_upper(graph, graph.output, rows, pre, box)
+  if steps:
+    ub = _alpha_crown(graph, box, rows, ub, steps, splits,
+                      stop_below if upper_only else None)
   if upper_only:
     return IntervalBounds(tf.fill(tf.shape(ub), -np.inf), ub)
   m = tf.shape(rows)[1] // 2
   return IntervalBounds(-ub[:, m:], ub[:, :m])
+
+
+def _alpha_crown(graph, box, rows, crown_ub, steps, splits, stop_below):
+  """alpha-CROWN's upper bounds [B, m] of the rows, given CROWN's (`bounds`),
+  computed on the examples that `stop_below` leaves open (all without it)."""
+  splits = {j: s for j, s in (splits or {}).items() if s is not None}
+  if stop_below is None:
+    idx = tf.range(tf.shape(rows)[0])
+  else:
+    zero_row = tf.reduce_all(tf.equal(ops.flat(rows, 2), 0.0), axis=2)
+    centre = interval.node_bounds(graph, box.center, box.center)[graph.output]
+    at_centre = ops.rowdot(rows, centre.upper)
+    done = tf.reduce_all(tf.logical_or(crown_ub < stop_below, zero_row), axis=1)
+    hopeless = tf.reduce_any(tf.logical_and(at_centre >= stop_below,
+                                            tf.logical_not(zero_row)), axis=1)
+    idx = tf.where(tf.logical_not(tf.logical_or(done, hopeless)))[:, 0]
+    idx = tf.cast(idx, tf.int32)
+  n = tf.size(idx)
+  # The engines need a non-empty batch: with nothing open, example 0 is bounded
+  # and thrown away.
+  take = tf.concat([idx, tf.zeros([1], tf.int32)], 0)[:tf.maximum(n, 1)]
+  sub = IntervalBounds(tf.gather(box.lower, take), tf.gather(box.upper, take))
+  sub_splits = {j: tf.gather(s, take) for j, s in splits.items()}
+  pre = pre_activation_bounds(graph, sub, "alpha_crown", sub_splits, steps)
+  ub, _ = _optimise_slopes(graph, graph.output, tf.gather(rows, take), pre, sub,
+                           steps, sub_splits)
+  return tf.tensor_scatter_nd_update(crown_ub, idx[:, None], ub[:n])
 
 
 def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
@@ -396,5 +381,10 @@ def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
   for node in graph.nodes:
     if isinstance(node.op, ops.ReluOp) and _has_relu_before(graph, node.inputs[0]):
       z = node.inputs[0]
-      out = max(out, 2 * int(np.prod(graph.nodes[z].op.out_shape)) * widest(z))
+      rows = 2 * int(np.prod(graph.nodes[z].op.out_shape))
+      here = rows * widest(z)
+      if method == "alpha_crown":  # this pass's slopes, moments and gradients
+        here += 6 * rows * sum(int(np.prod(graph.nodes[i].op.out_shape))
+                               for i in _relus(graph, z))
+      out = max(out, here)
   return out
