@@ -98,6 +98,27 @@ def test_alpha_crown_is_never_looser_than_crown(net):
   np.testing.assert_allclose(zero, c, rtol=1e-6, atol=1e-6)
 
 
+def test_margins_optimise_exactly_the_examples_crown_leaves_open():
+  # ball_margins runs alpha-CROWN only on examples that CROWN does not verify and
+  # whose centre is classified y; the others keep CROWN's bounds.
+  model = zoo.mlp(24, (32, 32), 4, 0)
+  x = np.random.default_rng(0).uniform(0.2, 0.8, (16, 24)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  y[:3] = (y[:3] + 1) % 4  # misclassified centres: no bound can verify them
+  lo, hi = api.input_box(x, 0.04)
+  full = crown.bounds(bound_graph(model), lo, hi, api.margin_spec(y, 4),
+                      "alpha_crown", alpha_steps=5, upper_only=True).upper.numpy()
+  skip = mixtrain_tf.margin_upper_bounds(model, x, y, 0.04, "alpha_crown",
+                                         alpha_steps=5).numpy()
+  c = mixtrain_tf.margin_upper_bounds(model, x, y, 0.04, "crown").numpy()
+  proved = api.is_verified(c, y).numpy()
+  open_ = ~proved & (np.arange(16) >= 3)
+  assert proved.sum() >= 3 and open_.sum() >= 3, (proved, open_)
+  np.testing.assert_allclose(skip[open_], full[open_], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(skip[~open_], c[~open_], rtol=1e-5, atol=1e-5)
+  assert np.all(full <= c + 1e-5) and np.any(full[open_] < c[open_] - 1e-3)
+
+
 def test_alpha_crown_optimises_inside_tf_function():
   model = zoo.RANDOM_NETS["conv"]()
   x = zoo.inputs(model, 2, seed=1)
