@@ -113,8 +113,13 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
   if margins_fn is None:
     layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
               for m in methods if m != "bab"}
-    margin_fns = {m: tf.function(lambda x, y, m=m: layers[m](x, epsilon, y)[
-        "margin_upper"], jit_compile=jit_compile) for m in layers}
+    margin_fns = {m: (lambda x, y, m=m: layers[m](x, epsilon, y)["margin_upper"])
+                  for m in layers}
+    # alpha-CROWN stays eager: its steps are tf.functions already (crown.
+    # _slope_gradient), and tracing its unrolled optimisation cost more than the
+    # optimisation itself.
+    margin_fns.update({m: tf.function(fn, jit_compile=jit_compile)
+                       for m, fn in margin_fns.items() if m != "alpha_crown"})
     if "bab" in methods:
       margin_fns["bab"] = _bab_verdicts(network, epsilon, bab_time_limit)
   else:
