@@ -106,6 +106,10 @@ flags.DEFINE_string("authors_npz", None, "Bound the MixTrain authors' released "
                     "MNIST_Small (this .npz, see mixtrain_tf.pretrained) instead of "
                     "random weights (mnist_small only; training steps keep random "
                     "weights).")
+flags.DEFINE_integer("verify_examples", 0, "Also verify the first N test images "
+                     "with crown and alpha_crown on both sides (margin rows, "
+                     "auto_LiRPA in batches of 50), timed in the same run after "
+                     "one warm-up call on 2 images each.")
 flags.DEFINE_float("epsilon", None, "Radius of the bound comparison (default: 0.1 "
                    "on MNIST, 2/255 on CIFAR-10).")
 
@@ -370,6 +374,42 @@ def _their_step(tnet, method, x, y, eps):
   return ms, loss
 
 
+def _verify(net, tnet, x, y, eps) -> list[str]:
+  """Verified accuracy and seconds of crown / alpha_crown on both sides."""
+  out = []
+  correct = np.argmax(net(x, training=False).numpy(), 1) == y
+  def theirs_fn(method, xs, ys):
+    found = []
+    for i in range(0, len(xs), 50):
+      opts = {"optimize_bound_args": {"iteration": FLAGS.alpha_steps}}
+      model, ball = _bounded(tnet, xs[i:i + 50], eps, bound_opts=opts)
+      lb, _ = model.compute_bounds(
+          x=(ball,), C=_margin_spec(ys[i:i + 50], net.output_shape[-1]),
+          method="CROWN-Optimized" if method == "alpha_crown" else "CROWN",
+          bound_upper=False)
+      found += list((lb > 0).all(1).numpy())
+    return np.array(found)
+
+  def ours_fn(method, xs, ys):
+    return api.verified(net, xs, ys, eps, method,
+                        alpha_steps=FLAGS.alpha_steps).numpy()
+
+  for method in ("crown", "alpha_crown"):
+    ours_fn(method, x[:2], y[:2])  # one warm-up call each (traces, caches)
+    theirs_fn(method, x[:2], y[:2])
+    start = time.perf_counter()
+    ours = ours_fn(method, x, y)
+    our_s = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs = theirs_fn(method, x, y) & correct
+    their_s = time.perf_counter() - start
+    out.append(f"| verify {method} / {LIRPA_METHOD[method]} (first {len(x)}) | "
+               f"{ours.mean():.1%} | {our_s:.1f} | {theirs.mean():.1%} | "
+               f"{their_s:.1f} | {our_s / their_s:.2f} |")
+    print(out[-1], flush=True)
+  return out
+
+
 def _batch(dataset: str, size: int):
   x, y = next(iter(data.load(dataset, "test", batch_size=size, max_examples=size)))
   return x.numpy().astype(np.float32), y.numpy().astype(np.int32)
@@ -388,7 +428,7 @@ def main(argv):
         f"{__import__('auto_LiRPA').__version__}; threads: torch "
         f"{torch.get_num_threads()}, tf 1/1; CPUs allowed: "
         f"{sorted(os.sched_getaffinity(0))}")
-  rows, notes = [], []
+  rows, notes, verify_rows = [], [], []
   for name in FLAGS.networks:
     dataset = DATASET[name]
     eps = EPSILON[dataset] if FLAGS.epsilon is None else FLAGS.epsilon
@@ -398,7 +438,8 @@ def main(argv):
       net = pretrained.load_authors_mnist_small(FLAGS.authors_npz)
       print(f"{name}: the authors' weights from {FLAGS.authors_npz}")
     tnet = _torch_network(net)
-    x, y = _batch(dataset, max(FLAGS.bound_batch, FLAGS.train_batch))
+    x, y = _batch(dataset, max(FLAGS.bound_batch, FLAGS.train_batch,
+                               FLAGS.verify_examples))
     with torch.no_grad():
       gap = np.abs(net(x, training=False).numpy() - tnet(_nchw(x)).numpy()).max()
     print(f"{name}: max |keras - torch| logit on {len(x)} test images: {gap:.2e}")
@@ -413,6 +454,10 @@ def main(argv):
       rows.append((name, f"bounds {method} / {LIRPA_METHOD[method]}{star} "
                    f"(batch {len(xb)})", ours, graph, theirs, diff, f"{width:.4f}"))
       print(rows[-1], flush=True)
+    if FLAGS.verify_examples:
+      n = FLAGS.verify_examples
+      found = _verify(net, tnet, x[:n], y[:n], eps)
+      verify_rows += [f"| {name} {r[2:]}" for r in found]
     xt, yt = x[:FLAGS.train_batch], y[:FLAGS.train_batch]
     for method in FLAGS.train_methods:
       # Each side trains its own copy from the same initial weights.
@@ -443,6 +488,10 @@ def main(argv):
     graph = "" if graph is None else f"{graph:.1f}"
     print(f"| {name} | {what} | {ours:.1f} | {graph} | {theirs:.1f} | "
           f"{ours / theirs:.2f} | {diff} | {width} |")
+  if verify_rows:
+    print("\n| network | what | ours verified | ours s | auto_LiRPA verified | "
+          "auto_LiRPA s | ours / theirs |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n".join(verify_rows))
   print("\n* auto_LiRPA normalised the ball outside the model (its CROWN failed "
         "with the normalisation inside).")
   for note in notes:
