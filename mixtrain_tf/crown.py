@@ -327,43 +327,43 @@ def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
   steps = 0
   if method == "alpha_crown":
     steps = DEFAULT_ALPHA_STEPS if alpha_steps is None else int(alpha_steps)
-  pre = pre_activation_bounds(graph, box, method, splits)
   batch = tf.shape(lower)[0]
   rows = _output_rows(graph, spec, batch, upper_only)
-  ub = backward_upper(graph, graph.output, rows, pre, box)
-  if steps:
-    ub = _alpha_crown(graph, box, rows, ub, steps, splits,
-                      stop_below if upper_only else None)
+  if steps and not (upper_only and stop_below is not None):
+    ub = _alpha_crown(graph, box, rows, steps, splits)
+  else:
+    pre = pre_activation_bounds(graph, box, method, splits)
+    ub = backward_upper(graph, graph.output, rows, pre, box)
+    if steps:  # only the examples this CROWN bound leaves open
+      ub = _alpha_crown(graph, box, rows, steps, splits, ub, stop_below)
   if upper_only:
     return IntervalBounds(tf.fill(tf.shape(ub), -np.inf), ub)
   m = tf.shape(rows)[1] // 2
   return IntervalBounds(-ub[:, m:], ub[:, :m])
 
 
-def _alpha_crown(graph, box, rows, crown_ub, steps, splits, stop_below):
-  """alpha-CROWN's upper bounds [B, m] of the rows, given CROWN's (`bounds`),
-  computed on the examples that `stop_below` leaves open (all without it)."""
+def _alpha_crown(graph, box, rows, steps, splits, crown_ub=None, stop_below=None):
+  """alpha-CROWN's upper bounds [B, m] of the rows; given CROWN's (`crown_ub`)
+  and `stop_below` (see `bounds`), computed only on the examples left open."""
   splits = {j: s for j, s in (splits or {}).items() if s is not None}
-  if stop_below is None:
-    idx = tf.range(tf.shape(rows)[0])
-  else:
-    zero_row = tf.reduce_all(tf.equal(ops.flat(rows, 2), 0.0), axis=2)
-    centre = interval.node_bounds(graph, box.center, box.center)[graph.output]
-    at_centre = ops.rowdot(rows, centre.upper)
-    done = tf.reduce_all(tf.logical_or(crown_ub < stop_below, zero_row), axis=1)
-    hopeless = tf.reduce_any(tf.logical_and(at_centre >= stop_below,
-                                            tf.logical_not(zero_row)), axis=1)
-    idx = tf.where(tf.logical_not(tf.logical_or(done, hopeless)))[:, 0]
-    idx = tf.cast(idx, tf.int32)
+  if crown_ub is None:
+    pre = pre_activation_bounds(graph, box, "alpha_crown", splits, steps)
+    return _optimise_slopes(graph, graph.output, rows, pre, box, steps, splits)[0]
+  zero_row = tf.reduce_all(tf.equal(ops.flat(rows, 2), 0.0), axis=2)
+  centre = interval.node_bounds(graph, box.center, box.center)[graph.output]
+  at_centre = ops.rowdot(rows, centre.upper)
+  done = tf.reduce_all(tf.logical_or(crown_ub < stop_below, zero_row), axis=1)
+  hopeless = tf.reduce_any(tf.logical_and(at_centre >= stop_below,
+                                          tf.logical_not(zero_row)), axis=1)
+  idx = tf.cast(tf.where(tf.logical_not(tf.logical_or(done, hopeless)))[:, 0],
+                tf.int32)
   n = tf.size(idx)
   # The engines need a non-empty batch: with nothing open, example 0 is bounded
   # and thrown away.
   take = tf.concat([idx, tf.zeros([1], tf.int32)], 0)[:tf.maximum(n, 1)]
   sub = IntervalBounds(tf.gather(box.lower, take), tf.gather(box.upper, take))
-  sub_splits = {j: tf.gather(s, take) for j, s in splits.items()}
-  pre = pre_activation_bounds(graph, sub, "alpha_crown", sub_splits, steps)
-  ub, _ = _optimise_slopes(graph, graph.output, tf.gather(rows, take), pre, sub,
-                           steps, sub_splits)
+  ub = _alpha_crown(graph, sub, tf.gather(rows, take), steps,
+                    {j: tf.gather(s, take) for j, s in splits.items()})
   return tf.tensor_scatter_nd_update(crown_ub, idx[:, None], ub[:n])
 
 
