@@ -360,8 +360,10 @@ def _compiled(model: keras.Model, key: tuple, fn):
 _COMPILED_ATTR = "_mixtrain_compiled_bounds"
 
 
-def _chunked(fn, model, method, memory_budget_mb, *tensors):
-  """Applies fn to slices of the batch so one call stays inside the budget."""
+def chunked(fn, model, method, memory_budget_mb, *tensors):
+  """fn(*tensors) (a tuple of batched tensors) computed on slices of the batch,
+  each small enough that bounding it by `method` stays inside the memory budget
+  (`per_sample_bytes`); None takes `DEFAULT_MEMORY_BUDGET_MB`."""
   if memory_budget_mb is None:
     memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB
   if not memory_budget_mb > 0:
@@ -401,7 +403,7 @@ def compute_bounds(model: keras.Model, x, epsilon, method: str = "symbolic",
     return ops.flat(b.lower), ops.flat(b.upper)
 
   run = _compiled(model, ("bounds", method, alpha_steps, clip_min, clip_max), run)
-  return _chunked(run, model, method, memory_budget_mb, x,
+  return chunked(run, model, method, memory_budget_mb, x,
                   _per_example(epsilon, x, clip_min, clip_max))
 
 
@@ -418,7 +420,7 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
                          alpha_steps),)
 
   run = _compiled(model, ("margins", method, alpha_steps, clip_min, clip_max), run)
-  return _chunked(run, model, method, memory_budget_mb, x, y,
+  return chunked(run, model, method, memory_budget_mb, x, y,
                   _per_example(epsilon, x, clip_min, clip_max))[0]
 
 

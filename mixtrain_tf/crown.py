@@ -368,14 +368,19 @@ def _alpha_crown(graph, box, rows, steps, splits, crown_ub=None, stop_below=None
 
 
 def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
-  """Largest number of float32 values one example's backward passes hold."""
+  """Largest number of values one example's backward passes hold, in units of
+  `symbolic._BYTES_PER_VALUE` (room for a float32 value and its temporaries).
+
+  Worst case: every neuron unstable. alpha-CROWN's slopes, their Adam moments,
+  best copy, gradient and the temporaries of its steps (about a dozen float32
+  copies of the slopes) count two units per slope. Peaks measured by
+  benchmarks/crown_memory.py are in tests/crown_test.py."""
   def widest(z):
     return max(int(np.prod(graph.nodes[i].op.out_shape)) for i in graph.ancestors(z))
   out = 2 * num_rows * widest(graph.output)
   if method == "alpha_crown":
-    relus = sum(int(np.prod(n.op.out_shape)) for n in graph.nodes
-                if isinstance(n.op, ops.ReluOp))
-    out += 6 * num_rows * relus  # slopes and Adam moments
+    out += 2 * num_rows * sum(int(np.prod(n.op.out_shape)) for n in graph.nodes
+                              if isinstance(n.op, ops.ReluOp))
   if method == "crown_ibp":
     return out
   for node in graph.nodes:
@@ -383,8 +388,8 @@ def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
       z = node.inputs[0]
       rows = 2 * int(np.prod(graph.nodes[z].op.out_shape))
       here = rows * widest(z)
-      if method == "alpha_crown":  # this pass's slopes, moments and gradients
-        here += 6 * rows * sum(int(np.prod(graph.nodes[i].op.out_shape))
+      if method == "alpha_crown":  # this pass's own slopes
+        here += 2 * rows * sum(int(np.prod(graph.nodes[i].op.out_shape))
                                for i in _relus(graph, z))
       out = max(out, here)
   return out

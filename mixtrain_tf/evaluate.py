@@ -53,6 +53,12 @@ def define_flags():
                        "inputs then give NaN bounds, never counted as verified.")
   flags.DEFINE_float("bab_time_limit", 30.0, "Seconds per example for "
                      "--methods=bab (complete verification by branch and bound).")
+  flags.DEFINE_integer("memory_budget_mb", api.DEFAULT_MEMORY_BUDGET_MB,
+                       "Peak memory (MiB) of one bound call: each batch is bounded "
+                       "in slices that fit (a worst-case estimate per example). "
+                       "Raise it on a large machine for speed.")
+  flags.register_validator("memory_budget_mb", lambda v: v > 0,
+                           "--memory_budget_mb must be > 0.")
   flags.register_validator("methods", lambda v: set(v) <= {*api.METHODS, "bab"},
                            f"--methods takes {', '.join(api.METHODS)}, bab.")
   flags.register_validator("bab_time_limit", lambda v: v > 0,
@@ -177,7 +183,8 @@ def run() -> dict:
         pgd_restarts=FLAGS.restarts,
         num_examples=FLAGS.num_examples, predict_fn=predict_fn,
         margins_fn=margins_fn, alpha_steps=FLAGS.alpha_steps,
-        bab_time_limit=FLAGS.bab_time_limit, jit_compile=FLAGS.jit_compile)
+        bab_time_limit=FLAGS.bab_time_limit, jit_compile=FLAGS.jit_compile,
+        memory_budget_mb=FLAGS.memory_budget_mb)
   except evaluation.EvaluationError as e:  # keep what was measured
     _write(FLAGS.output, {**e.partial_result, **header})
     where = f"; the partial results are in {FLAGS.output}" if FLAGS.output else ""

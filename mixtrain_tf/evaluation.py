@@ -33,7 +33,8 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
              predict_fn: Callable | None = None,
              margins_fn: Callable | None = None, seed: int = 0,
              alpha_steps: int | None = None, bab_time_limit: float = 30.0,
-             jit_compile: bool = False) -> dict:
+             jit_compile: bool = False,
+             memory_budget_mb: int | None = None) -> dict:
   """Clean accuracy, accuracy under each attack and verified accuracy per method.
 
   Args:
@@ -57,6 +58,9 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
       e.g. a SavedModel's `margins` signature.
     jit_compile: compile the bound methods' margins with XLA (which drops assert
       ops: a refused ball then has NaN bounds, which are never verified).
+    memory_budget_mb: peak memory of one bound call: each batch is bounded in
+      slices that fit (`api.per_sample_bytes`, a worst-case estimate); None takes
+      `api.DEFAULT_MEMORY_BUDGET_MB`. Not applied to `margins_fn`.
 
   Returns:
     {"examples", "epsilon", "clean": {...}, "attacks": {name: {...}},
@@ -69,7 +73,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
       network, epsilon, methods, attack_names, predict_fn, margins_fn,
       dict(steps=pgd_steps, step_size=pgd_step_size, restarts=pgd_restarts,
            seed=tf.constant([seed, 0], tf.int32)), alpha_steps, bab_time_limit,
-      jit_compile)
+      jit_compile, memory_budget_mb)
   counts = {"clean": 0, **{f"attack/{a}": 0 for a in attack_names},
             **{f"verified/{m}": 0 for m in methods}}
   if len(methods) > 1:
@@ -98,7 +102,7 @@ def evaluate(network: keras.Model, dataset: Iterable, epsilon: float,
 
 def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
                pgd: dict, alpha_steps: int | None, bab_time_limit: float,
-               jit_compile: bool = False):
+               jit_compile: bool = False, memory_budget_mb: int | None = None):
   """The compiled prediction, attack and margin functions of one evaluation."""
   predict = predict_fn or tf.function(lambda x: network(x, training=False))
   attack_fns = {
@@ -118,13 +122,25 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
     # alpha-CROWN stays eager: its steps are tf.functions already (crown.
     # _slope_gradient), and tracing its unrolled optimisation cost more than the
     # optimisation itself.
-    margin_fns.update({m: tf.function(fn, jit_compile=jit_compile)
+    margin_fns.update({m: tf.function(fn, jit_compile=jit_compile,
+                                      reduce_retracing=True)
                        for m, fn in margin_fns.items() if m != "alpha_crown"})
+    # A batch is bounded in slices that fit the memory budget: the CROWN family
+    # holds a row per neuron, and a whole batch of them can exhaust the machine.
+    margin_fns = {m: _sliced(fn, network, m, memory_budget_mb)
+                  for m, fn in margin_fns.items()}
     if "bab" in methods:
       margin_fns["bab"] = _bab_verdicts(network, epsilon, bab_time_limit)
   else:
     margin_fns = {m: (lambda x, y, m=m: margins_fn(x, y, epsilon, m)) for m in methods}
   return predict, attack_fns, margin_fns
+
+
+def _sliced(margins, network, method, memory_budget_mb):
+  def run(x, y):
+    return api.chunked(lambda xc, yc: (margins(xc, yc),), network, method,
+                       memory_budget_mb, x, y)[0]
+  return run
 
 
 def _check_invariant(counts, total, attack_names, methods, result) -> None:
