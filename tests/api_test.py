@@ -468,3 +468,12 @@ def test_symbolic_memory_estimate_covers_the_measured_peak(name, measured_mb):
   """The peaks per example that benchmarks/bounds.py measured (docs/benchmarks.md):
   the estimate behind chunking and --k=auto must not fall below them."""
   assert api.per_sample_bytes(networks.build(name), "symbolic") >= measured_mb * 1e6
+
+
+@pytest.mark.parametrize("total_mib,budget", [(1024, 256), (8192, 2048),
+                                              (65536, 4096)])
+def test_default_memory_budget_is_a_quarter_of_the_machine_capped(
+    total_mib, budget, monkeypatch):
+  pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": total_mib * 2**20 // 4096}
+  monkeypatch.setattr(api.os, "sysconf", pages.__getitem__)
+  assert api._default_memory_budget_mb() == budget
