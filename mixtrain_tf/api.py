@@ -427,9 +427,29 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
                         clip_min: float = 0.0, clip_max: float = 1.0,
                         memory_budget_mb: int | None = None,
                         alpha_steps: int | None = None) -> tf.Tensor:
-  """Upper bounds of z_j - z_y over the ball, [batch, classes] (0 at j = y)."""
+  """Upper bounds of z_j - z_y over the ball, [batch, classes] (0 at j = y).
+
+  alpha_crown: CROWN bounds the whole batch first (compiled, in slices of
+  CROWN's memory size); only the examples it leaves unproven are then sliced by
+  alpha-CROWN's size and optimised (`ball_margins`), so a slice holds only
+  examples that need the optimisation."""
   _, x = _check(model, x, method, y=y, clip=(clip_min, clip_max))
   y = tf.convert_to_tensor(y)
+  if BoundMethod(method) is BoundMethod.ALPHA_CROWN and tf.executing_eagerly():
+    eps = _per_example(epsilon, x, clip_min, clip_max)
+    ub = margin_upper_bounds(model, x, y, eps, "crown", clip_min, clip_max,
+                             memory_budget_mb)
+    open_ = tf.where(tf.logical_not(is_verified(ub, y)))[:, 0]
+    if int(tf.size(open_)) == 0:
+      return ub
+
+    def run_open(xc, yc, ec):
+      return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max,
+                           alpha_steps),)
+
+    sub = chunked(run_open, model, method, memory_budget_mb,
+                  tf.gather(x, open_), tf.gather(y, open_), tf.gather(eps, open_))[0]
+    return tf.tensor_scatter_nd_update(ub, open_[:, None], sub)
 
   def run(xc, yc, ec):
     return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max,

@@ -22,7 +22,7 @@ def pgd_settings(dataset: str, steps: int | None = None,
           "pgd_step_size": default_size if step_size is None else step_size}
 
 
-def _margin_loss(logits, y):
+def margin_loss(logits, y):
   """max_{j != y} z_j - z_y: > 0 exactly when the point is misclassified."""
   onehot = tf.one_hot(y, tf.shape(logits)[1])
   other = tf.reduce_max(logits - 1e9 * onehot, axis=1)
@@ -32,13 +32,15 @@ def _margin_loss(logits, y):
 def pgd(model: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, y: tf.Tensor,
         epsilon, steps: int = 40, step_size: float = 0.01, restarts: int = 1,
         random_start: bool = True, clip_min: float = 0.0, clip_max: float = 1.0,
-        loss: str = "ce", seed: tf.Tensor | None = None) -> tf.Tensor:
+        loss: str = "ce", seed: tf.Tensor | None = None,
+        start: tf.Tensor | None = None) -> tf.Tensor:
   """Projected gradient ascent inside B(x, eps) intersected with [clip_min, clip_max].
 
   Keeps, per example, the worst point over restarts (largest margin loss). Works
   eagerly and inside `tf.function`; `model` maps images to logits. `loss` is the
   ascended objective: "ce" (cross-entropy) or "margin" (max_j z_j - z_y). `seed`
-  is a stateless-random seed of shape [2].
+  is a stateless-random seed of shape [2]. `start` (points of the clipped ball,
+  like x), when given, is where the first restart starts instead.
 
   Returns:
     Adversarial images, same shape as x, always inside the clipped ball.
@@ -48,16 +50,18 @@ def pgd(model: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, y: tf.Tensor,
   eps = tf.cast(epsilon, tf.float32)
   lo, hi = api.input_box(x, epsilon, clip_min, clip_max)
   best = x
-  best_score = _margin_loss(model(x), y)
+  best_score = margin_loss(model(x), y)
   seed = tf.zeros([2], tf.int32) if seed is None else tf.cast(seed, tf.int32)
   for r in range(restarts):
-    if random_start:
+    if start is not None and r == 0:
+      xa = tf.clip_by_value(tf.cast(start, tf.float32), lo, hi)
+    elif random_start:
       noise = tf.random.stateless_uniform(tf.shape(x), seed + [0, r], -1.0, 1.0)
       xa = tf.clip_by_value(x + eps * noise, lo, hi)
     else:
       xa = x
     xa = _pgd_from(model, xa, y, steps, step_size, lo, hi, loss)
-    score = _margin_loss(model(xa), y)
+    score = margin_loss(model(xa), y)
     better = score > best_score
     mask = tf.reshape(better, [-1] + [1] * (len(x.shape) - 1))
     best = tf.where(mask, xa, best)
@@ -160,6 +164,6 @@ def _pgd_from(model, start, y, steps, step_size, lo, hi, loss="ce"):
         obj = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
             y, logits))
       else:
-        obj = tf.reduce_sum(_margin_loss(logits, y))
+        obj = tf.reduce_sum(margin_loss(logits, y))
     xa = tf.clip_by_value(xa + step_size * tf.sign(tape.gradient(obj, xa)), lo, hi)
   return xa

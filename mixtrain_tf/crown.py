@@ -76,7 +76,9 @@ def backward_upper(graph: BoundGraph, z: int, rows: tf.Tensor, pre: dict,
   split neuron with constraint sign * x_j >= 0 and beta >= 0, which makes the bound
   hold on the split subdomain (see `_optimise_slopes`). `record`, when given,
   receives for every ReLU input j what its upper-line intercepts add to the bound
-  per neuron, [B, m, *shape_j] (what splitting that neuron could gain).
+  per neuron, [B, m, *shape_j] (what splitting that neuron could gain), and under
+  the key "input" the coefficients of the input, [B, m, *input_shape] (the box's
+  point sign(them) * radius + centre attains each row's bound).
   """
   nodes = graph.nodes
   adj = {z: rows}
@@ -108,6 +110,8 @@ def backward_upper(graph: BoundGraph, z: int, rows: tf.Tensor, pre: dict,
     for j, p in zip(node.inputs, pulled):
       adj[j] = adj[j] + p if j in adj else p
   a0 = adj[0]
+  if record is not None:
+    record["input"] = a0
   return const + ops.rowdot(a0, box.center) + ops.rowdot(tf.abs(a0), box.radius)
 
 
@@ -269,6 +273,9 @@ def _optimise_slopes(graph, z, rows, pre, box, steps: int,
   sound bound, so each step's bound is sound and the smallest is kept.
   `init_slopes` ({ReLU node: [B or 1, m, *shape]}) starts the slopes there
   instead of at CROWN's choice. Returns the bound [B, m] and the final slopes."""
+  # z's own affine map does not depend on slopes or betas: rows are pulled
+  # through it once here, not at every step (a quarter of a conv layer's pass).
+  z, rows, const = _pull_through(graph, z, rows)
   ancestors = graph.ancestors(z)
   splits = {j: s for j, s in (splits or {}).items()
             if s is not None and j in ancestors}
@@ -304,7 +311,16 @@ def _optimise_slopes(graph, z, rows, pre, box, steps: int,
       v = variables[k] - ALPHA_LEARNING_RATE * step
       variables[k] = (tf.nn.relu(v) if k >= len(relus)
                       else tf.clip_by_value(v, 0.0, 1.0))
-  return best, dict(zip(relus, variables[:len(relus)]))
+  return best + const, dict(zip(relus, variables[:len(relus)]))
+
+
+def _pull_through(graph: BoundGraph, z: int, rows: tf.Tensor):
+  """(j, rows at j, constant [B, m] or 0): rows . node_z = rows_j . node_j +
+  constant when z is an affine node of one input j (z itself otherwise)."""
+  node = graph.nodes[z]
+  if not isinstance(node.op, ops.AffineOp) or len(node.inputs) != 1:
+    return z, rows, 0.0
+  return node.inputs[0], node.op.transpose(rows), _bias_dot(rows, node.op)
 
 
 def bounds(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,

@@ -117,18 +117,21 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
   if margins_fn is None:
     layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
               for m in methods if m != "bab"}
-    margin_fns = {m: (lambda x, y, m=m: layers[m](x, epsilon, y)["margin_upper"])
-                  for m in layers}
-    # alpha-CROWN stays eager: its steps are tf.functions already (crown.
-    # _slope_gradient), and tracing its unrolled optimisation cost more than the
-    # optimisation itself.
-    margin_fns.update({m: tf.function(fn, jit_compile=jit_compile,
-                                      reduce_retracing=True)
-                       for m, fn in margin_fns.items() if m != "alpha_crown"})
+    margin_fns = {m: tf.function(
+        lambda x, y, m=m: layers[m](x, epsilon, y)["margin_upper"],
+        jit_compile=jit_compile, reduce_retracing=True) for m in layers}
     # A batch is bounded in slices that fit the memory budget: the CROWN family
     # holds a row per neuron, and a whole batch of them can exhaust the machine.
     margin_fns = {m: _sliced(fn, network, m, memory_budget_mb)
                   for m, fn in margin_fns.items()}
+    if "alpha_crown" in layers:
+      # Eager: its steps are tf.functions already (crown._slope_gradient), and
+      # tracing the unrolled optimisation cost more than running it.
+      # margin_upper_bounds runs CROWN on the batch, then alpha-CROWN on the
+      # examples left open, each in slices of its own memory size.
+      margin_fns["alpha_crown"] = lambda x, y: api.margin_upper_bounds(
+          network, x, y, epsilon, "alpha_crown", alpha_steps=alpha_steps,
+          memory_budget_mb=memory_budget_mb)
     if "bab" in methods:
       margin_fns["bab"] = _bab_verdicts(network, epsilon, bab_time_limit)
   else:

@@ -103,6 +103,31 @@ def test_relu_split_verdicts_agree_with_milp(seed, eps):
   assert 0 < robust_count < 8, "the points should mix both answers"
 
 
+@pytest.mark.parametrize("seed,eps", [(0, 0.06), (2, 0.15)])
+def test_points_attaining_open_bounds_falsify_without_pgd(seed, eps):
+  """With PGD switched off (no restarts), the non-robust points of the MILP
+  test are still falsified: the point of each open domain's box that attains its
+  bound is checked by a forward pass. Every counterexample is in the ball and
+  misclassified, and nothing is verified that the full run does not verify."""
+  model = zoo.mlp(24, (16, 16), 3, seed=seed)
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(0.2, 0.8, (8, 24)).astype(np.float32)
+  y = np.argmax(model.predict(x, verbose=0), 1)
+  full = bab.verify(model, x, y, eps, time_limit=30, alpha_steps=5)
+  blind = bab.verify(model, x, y, eps, time_limit=30, alpha_steps=5,
+                     attack_restarts=0)
+  falsified = 0
+  for xi, yi, r, f in zip(x, y, blind, full):
+    assert r.status != "verified" or f.status == "verified"
+    if r.status == "falsified":
+      falsified += 1
+      assert np.all(np.abs(r.counterexample - xi) <= eps + 1e-6)
+      assert np.all((r.counterexample >= 0) & (r.counterexample <= 1))
+      assert np.argmax(model.predict(r.counterexample[None], verbose=0)[0]) != yi
+  assert falsified >= 1
+  assert falsified == sum(f.status == "falsified" for f in full)
+
+
 def test_evaluate_reports_the_three_verdicts():
   model = _two_input_net(0)
   x = np.random.default_rng(5).uniform(0.2, 0.8, (6, 2)).astype(np.float32)
