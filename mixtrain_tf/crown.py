@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from mixtrain_tf import interval, ops
+from mixtrain_tf import interval, ops, patches
 from mixtrain_tf.bounds import IntervalBounds
 from mixtrain_tf.graph import BoundGraph
 
@@ -159,12 +159,29 @@ def pre_activation_bounds(graph: BoundGraph, box: IntervalBounds, method: str,
       pre[z] = _apply_split(itv[z], splits.get(z))  # exact for an affine map
       continue
     b = _apply_split(_tighten_unstable(graph, z, itv[z], pre, box), splits.get(z))
-    if alpha_steps:
+    if alpha_steps and patches.local_pass(graph, z) is not None:
+      idx, valid = _unstable_idx(b)
+      ub = _optimise_local(graph, z, idx, pre, box, alpha_steps, splits)
+      b = _apply_split(_tightened(b, idx, valid, ub), splits.get(z))
+    elif alpha_steps:
       rows, idx, valid = _unstable_rows(graph, z, b)
       ub, _ = _optimise_slopes(graph, z, rows, pre, box, alpha_steps, splits)
       b = _apply_split(_tightened(b, idx, valid, ub), splits.get(z))
     pre[z] = b
   return pre
+
+
+def _unstable_idx(itv_z: IntervalBounds):
+  """Each example's unstable neurons of z, idx [B, k] (padded with stable ones to
+  the most any example of the batch has), and the padding mask valid [B, k]."""
+  lo, up = ops.flat(itv_z.lower), ops.flat(itv_z.upper)  # [B, n]
+  unstable = tf.logical_and(lo < 0.0, up > 0.0)
+  count = tf.reduce_sum(tf.cast(unstable, tf.int32), axis=1)  # [B]
+  k = tf.reduce_max(count)
+  # Each example's unstable neurons first (a stable sort keeps index order).
+  idx = tf.argsort(tf.cast(unstable, tf.int32), axis=1, direction="DESCENDING",
+                   stable=True)[:, :k]  # [B, k]
+  return idx, tf.range(k)[None, :] < count[:, None]
 
 
 def _unstable_rows(graph, z, itv_z: IntervalBounds):
@@ -173,15 +190,9 @@ def _unstable_rows(graph, z, itv_z: IntervalBounds):
   their indices idx [B, k] and the padding mask valid [B, k]."""
   shape = graph.nodes[z].op.out_shape
   n = int(np.prod(shape))
-  lo, up = ops.flat(itv_z.lower), ops.flat(itv_z.upper)  # [B, n]
-  unstable = tf.logical_and(lo < 0.0, up > 0.0)
-  count = tf.reduce_sum(tf.cast(unstable, tf.int32), axis=1)  # [B]
-  k = tf.reduce_max(count)
-  # Each example's unstable neurons first (a stable sort keeps index order).
-  idx = tf.argsort(tf.cast(unstable, tf.int32), axis=1, direction="DESCENDING",
-                   stable=True)[:, :k]  # [B, k]
-  valid = tf.range(k)[None, :] < count[:, None]  # [B, k]
-  batch = tf.shape(lo)[0]
+  idx, valid = _unstable_idx(itv_z)
+  k = tf.shape(idx)[1]
+  batch = tf.shape(idx)[0]
   eye = tf.one_hot(idx, n) * tf.cast(valid, tf.float32)[..., None]  # [B, k, n]
   eye = tf.reshape(eye, tf.concat([[batch, k], shape], 0))
   return tf.concat([eye, -eye], axis=1), idx, valid
@@ -213,6 +224,11 @@ def _tighten_unstable(graph, z, itv_z: IntervalBounds, pre, box) -> IntervalBoun
   this loses nothing. Each example gets rows for its own unstable neurons only
   (padded to the most any example of the batch has): the union over the batch
   made a batch of 100 cost 4x its examples one by one."""
+  local = patches.local_pass(graph, z)
+  if local is not None:
+    idx, valid = _unstable_idx(itv_z)
+    return _tightened(itv_z, idx, valid,
+                      local.upper(local.gather(idx, pre, box, _relaxation)))
   rows, idx, valid = _unstable_rows(graph, z, itv_z)
   return _tightened(itv_z, idx, valid, backward_upper(graph, z, rows, pre, box))
 
@@ -292,15 +308,26 @@ def _optimise_slopes(graph, z, rows, pre, box, steps: int,
     variables.append(tf.broadcast_to(a, tf.concat([[batch, m], shape], 0)))
   variables += [tf.zeros(tf.concat([[batch, m], tf.shape(splits[j])[1:]], 0))
                 for j in split_keys]
-  first = [tf.zeros_like(v) for v in variables]
-  second = [tf.zeros_like(v) for v in variables]
   pairs = {graph.nodes[i].inputs[0]: (pre[graph.nodes[i].inputs[0]].lower,
                                       pre[graph.nodes[i].inputs[0]].upper)
            for i in relus}
   value_and_grads = _slope_gradient(graph, z, split_keys)
+  best, variables = _minimise(
+      lambda v: value_and_grads(rows, pairs, box.lower, box.upper, splits, v),
+      variables, steps, len(relus))
+  return best + const, dict(zip(relus, variables[:len(relus)]))
+
+
+def _minimise(value_and_grads, variables: list, steps: int, num_slopes: int):
+  """Projected Adam on the upper bounds [B, m] that value_and_grads(variables)
+  returns with their gradients: the first num_slopes variables are slopes, kept
+  in [0, 1], the rest betas, kept >= 0. Returns the smallest bound met at any
+  step (each is sound) and the final variables."""
+  first = [tf.zeros_like(v) for v in variables]
+  second = [tf.zeros_like(v) for v in variables]
   best = None
   for t in range(1, steps + 2):
-    ub, grads = value_and_grads(rows, pairs, box.lower, box.upper, splits, variables)
+    ub, grads = value_and_grads(variables)
     best = ub if best is None else tf.minimum(best, ub)
     if t > steps:
       break
@@ -309,9 +336,43 @@ def _optimise_slopes(graph, z, rows, pre, box, steps: int,
       second[k] = 0.999 * second[k] + 0.001 * g * g
       step = (first[k] / (1 - 0.9**t)) / (tf.sqrt(second[k] / (1 - 0.999**t)) + 1e-8)
       v = variables[k] - ALPHA_LEARNING_RATE * step
-      variables[k] = (tf.nn.relu(v) if k >= len(relus)
+      variables[k] = (tf.nn.relu(v) if k >= num_slopes
                       else tf.clip_by_value(v, 0.0, 1.0))
-  return best + const, dict(zip(relus, variables[:len(relus)]))
+  return best, variables
+
+
+def _optimise_local(graph, z, idx, pre, box, steps: int, splits: dict | None):
+  """`_optimise_slopes` for the unstable neurons idx [B, k] of a conv node with
+  a local pass (`patches`): the slopes (and betas) live on each row's window.
+  Returns upper bounds [B, 2k] (x_k, then -x_k)."""
+  local = patches.local_pass(graph, z)
+  windows = local.gather(idx, pre, box, _relaxation, splits)
+  has_split = "split" in windows
+  start = tf.concat([windows["lower"], windows["lower"]], axis=1)
+  variables = [start] + ([tf.zeros_like(start)] if has_split else [])
+  step = _local_gradient(graph, z, has_split)
+  best, _ = _minimise(lambda v: step(windows, v), variables, steps, 1)
+  return best
+
+
+def _local_gradient(graph: BoundGraph, z: int, has_split: bool):
+  """One alpha/beta-CROWN step of node z's local pass, a cached tf.function:
+  (windows, [slopes(, betas)]) -> (bounds [B, 2k], gradients)."""
+  local = patches.local_pass(graph, z)
+
+  def value_and_grads(windows, variables):
+    with tf.GradientTape() as tape:
+      tape.watch(variables)
+      ub = local.upper(windows, variables[0],
+                       variables[1] if has_split else None)
+      loss = tf.reduce_sum(ub)
+    grads = tape.gradient(loss, variables)
+    return ub, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+
+  cache = graph.__dict__.setdefault("_alpha_local_gradient", {})
+  if (z, has_split) not in cache:
+    cache[z, has_split] = tf.function(value_and_grads, reduce_retracing=True)
+  return cache[z, has_split]
 
 
 def _pull_through(graph: BoundGraph, z: int, rows: tf.Tensor):
@@ -389,8 +450,9 @@ def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
 
   Worst case: every neuron unstable. alpha-CROWN's slopes, their Adam moments,
   best copy, gradient and the temporaries of its steps (about a dozen float32
-  copies of the slopes) count two units per slope. Peaks measured by
-  benchmarks/crown_memory.py are in tests/crown_test.py."""
+  copies of the slopes) count two units per slope, three on a local pass's
+  windows (`patches`). Peaks measured by benchmarks/crown_memory.py are in
+  tests/crown_test.py."""
   def widest(z):
     return max(int(np.prod(graph.nodes[i].op.out_shape)) for i in graph.ancestors(z))
   out = 2 * num_rows * widest(graph.output)
@@ -403,6 +465,12 @@ def per_sample_values(graph: BoundGraph, method: str, num_rows: int) -> int:
     if isinstance(node.op, ops.ReluOp) and _has_relu_before(graph, node.inputs[0]):
       z = node.inputs[0]
       rows = 2 * int(np.prod(graph.nodes[z].op.out_shape))
+      window, in_window = patches.window_values(graph, z)
+      if window:  # the local pass: rows hold windows (and slopes on them)
+        here = rows * (window + in_window) + (3 * rows * window
+                                              if method == "alpha_crown" else 0)
+        out = max(out, here)
+        continue
       here = rows * widest(z)
       if method == "alpha_crown":  # this pass's own slopes
         here += 2 * rows * sum(int(np.prod(graph.nodes[i].op.out_shape))
