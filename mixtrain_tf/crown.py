@@ -250,32 +250,41 @@ def _relus(graph: BoundGraph, z: int | None = None) -> list[int]:
   return [i for i in sorted(before) if isinstance(graph.nodes[i].op, ops.ReluOp)]
 
 
+def _gradient_fn(graph: BoundGraph, key: tuple, bound):
+  """One alpha/beta-CROWN step: a tf.function kept on the graph (traced once per
+  shape; eagerly, each step cost more in op dispatch than in arithmetic),
+  (args, variables) -> (bound(args, variables), the upper bounds [B, m]; the
+  gradient of their sum per variable, zeros where it does not depend on one)."""
+  cache = graph.__dict__.setdefault("_alpha_gradients", {})
+  if key not in cache:
+    def value_and_grads(args, variables):
+      with tf.GradientTape() as tape:
+        tape.watch(variables)
+        ub = bound(args, variables)
+        loss = tf.reduce_sum(ub)
+      grads = tape.gradient(loss, variables)
+      return ub, [tf.zeros_like(v) if g is None else g
+                  for v, g in zip(variables, grads)]
+    cache[key] = tf.function(value_and_grads, reduce_retracing=True)
+  return cache[key]
+
+
 def _slope_gradient(graph: BoundGraph, z: int, split_keys: tuple):
-  """One alpha/beta-CROWN step of the backward pass from node z: (rows, {ReLU
-  input: (lower, upper)}, box lower, box upper, splits, variables) -> (upper
-  bounds [B, m], the gradient of their sum per variable). The variables are the
-  lower slopes per ReLU before z, then the betas per split key. Run eagerly, it
-  is a tf.function kept on the graph, traced once per shape: eagerly, each step
-  cost more in op dispatch than in arithmetic."""
+  """`_gradient_fn` of the backward pass from node z: args = (rows, {ReLU input:
+  (lower, upper)}, box lower, box upper, splits); the variables are the lower
+  slopes per ReLU before z, then the betas per split key."""
   relus = _relus(graph, z)
 
-  def value_and_grads(rows, pairs, lower, upper, splits, variables):
-    box = IntervalBounds(lower, upper)
+  def bound(args, variables):
+    rows, pairs, lower, upper, splits = args
     pre = {j: IntervalBounds(lo, up) for j, (lo, up) in pairs.items()}
-    with tf.GradientTape() as tape:
-      tape.watch(variables)
-      slopes = dict(zip(relus, variables))
-      betas = {j: b * splits[j][:, None]
-               for j, b in zip(split_keys, variables[len(relus):])}
-      ub = backward_upper(graph, z, rows, pre, box, slopes, betas)
-      loss = tf.reduce_sum(ub)
-    grads = tape.gradient(loss, variables)
-    return ub, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
+    slopes = dict(zip(relus, variables))
+    betas = {j: b * splits[j][:, None]
+             for j, b in zip(split_keys, variables[len(relus):])}
+    return backward_upper(graph, z, rows, pre, IntervalBounds(lower, upper),
+                          slopes, betas)
 
-  cache = graph.__dict__.setdefault("_alpha_slope_gradient", {})
-  if (z, split_keys) not in cache:
-    cache[z, split_keys] = tf.function(value_and_grads, reduce_retracing=True)
-  return cache[z, split_keys]
+  return _gradient_fn(graph, ("dense", z, split_keys), bound)
 
 
 def _optimise_slopes(graph, z, rows, pre, box, steps: int,
@@ -313,7 +322,7 @@ def _optimise_slopes(graph, z, rows, pre, box, steps: int,
            for i in relus}
   value_and_grads = _slope_gradient(graph, z, split_keys)
   best, variables = _minimise(
-      lambda v: value_and_grads(rows, pairs, box.lower, box.upper, splits, v),
+      lambda v: value_and_grads((rows, pairs, box.lower, box.upper, splits), v),
       variables, steps, len(relus))
   return best + const, dict(zip(relus, variables[:len(relus)]))
 
@@ -356,23 +365,11 @@ def _optimise_local(graph, z, idx, pre, box, steps: int, splits: dict | None):
 
 
 def _local_gradient(graph: BoundGraph, z: int, has_split: bool):
-  """One alpha/beta-CROWN step of node z's local pass, a cached tf.function:
-  (windows, [slopes(, betas)]) -> (bounds [B, 2k], gradients)."""
+  """`_gradient_fn` of node z's local pass: args = its windows, variables =
+  [slopes(, betas)]."""
   local = patches.local_pass(graph, z)
-
-  def value_and_grads(windows, variables):
-    with tf.GradientTape() as tape:
-      tape.watch(variables)
-      ub = local.upper(windows, variables[0],
-                       variables[1] if has_split else None)
-      loss = tf.reduce_sum(ub)
-    grads = tape.gradient(loss, variables)
-    return ub, [tf.zeros_like(v) if g is None else g for v, g in zip(variables, grads)]
-
-  cache = graph.__dict__.setdefault("_alpha_local_gradient", {})
-  if (z, has_split) not in cache:
-    cache[z, has_split] = tf.function(value_and_grads, reduce_retracing=True)
-  return cache[z, has_split]
+  return _gradient_fn(graph, ("local", z, has_split), lambda windows, v: local.upper(
+      windows, v[0], v[1] if has_split else None))
 
 
 def _pull_through(graph: BoundGraph, z: int, rows: tf.Tensor):
