@@ -435,29 +435,23 @@ def margin_upper_bounds(model: keras.Model, x, y, epsilon, method: str = "symbol
   examples that need the optimisation."""
   _, x = _check(model, x, method, y=y, clip=(clip_min, clip_max))
   y = tf.convert_to_tensor(y)
-  if BoundMethod(method) is BoundMethod.ALPHA_CROWN and tf.executing_eagerly():
-    eps = _per_example(epsilon, x, clip_min, clip_max)
-    ub = margin_upper_bounds(model, x, y, eps, "crown", clip_min, clip_max,
-                             memory_budget_mb)
-    open_ = tf.where(tf.logical_not(is_verified(ub, y)))[:, 0]
-    if int(tf.size(open_)) == 0:
-      return ub
-
-    def run_open(xc, yc, ec):
-      return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max,
-                           alpha_steps),)
-
-    sub = chunked(run_open, model, method, memory_budget_mb,
-                  tf.gather(x, open_), tf.gather(y, open_), tf.gather(eps, open_))[0]
-    return tf.tensor_scatter_nd_update(ub, open_[:, None], sub)
+  eps = _per_example(epsilon, x, clip_min, clip_max)
 
   def run(xc, yc, ec):
     return (ball_margins(model, xc, yc, ec, method, clip_min, clip_max,
                          alpha_steps),)
 
+  if BoundMethod(method) is BoundMethod.ALPHA_CROWN and tf.executing_eagerly():
+    ub = margin_upper_bounds(model, x, y, eps, "crown", clip_min, clip_max,
+                             memory_budget_mb)
+    open_ = tf.where(tf.logical_not(is_verified(ub, y)))[:, 0]
+    if int(tf.size(open_)) == 0:
+      return ub
+    sub = chunked(run, model, method, memory_budget_mb, tf.gather(x, open_),
+                  tf.gather(y, open_), tf.gather(eps, open_))[0]
+    return tf.tensor_scatter_nd_update(ub, open_[:, None], sub)
   run = _compiled(model, ("margins", method, alpha_steps, clip_min, clip_max), run)
-  return chunked(run, model, method, memory_budget_mb, x, y,
-                  _per_example(epsilon, x, clip_min, clip_max))[0]
+  return chunked(run, model, method, memory_budget_mb, x, y, eps)[0]
 
 
 def verified(model: keras.Model, x, y, epsilon, method: str = "symbolic",

@@ -115,16 +115,15 @@ def _functions(network, epsilon, methods, attack_names, predict_fn, margins_fn,
   }
   attack_fns = {a: attack_fns[a]() for a in attack_names}
   if margins_fn is None:
-    layers = {m: bound_layer.BoundLayer(network, m, alpha_steps=alpha_steps)
-              for m in methods if m != "bab"}
-    margin_fns = {m: tf.function(
-        lambda x, y, m=m: layers[m](x, epsilon, y)["margin_upper"],
-        jit_compile=jit_compile, reduce_retracing=True) for m in layers}
+    layers = {m: bound_layer.BoundLayer(network, m)
+              for m in methods if m not in ("bab", "alpha_crown")}
     # A batch is bounded in slices that fit the memory budget: the CROWN family
     # holds a row per neuron, and a whole batch of them can exhaust the machine.
-    margin_fns = {m: _sliced(fn, network, m, memory_budget_mb)
-                  for m, fn in margin_fns.items()}
-    if "alpha_crown" in layers:
+    margin_fns = {m: _sliced(tf.function(
+        lambda x, y, m=m: layers[m](x, epsilon, y)["margin_upper"],
+        jit_compile=jit_compile, reduce_retracing=True), network, m,
+        memory_budget_mb) for m in layers}
+    if "alpha_crown" in methods:
       # Eager: its steps are tf.functions already (crown._slope_gradient), and
       # tracing the unrolled optimisation cost more than running it.
       # margin_upper_bounds runs CROWN on the batch, then alpha-CROWN on the

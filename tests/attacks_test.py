@@ -51,6 +51,19 @@ def test_pgd_finds_the_known_worst_point_of_a_linear_model():
   np.testing.assert_allclose(adv.numpy(), [[0.4, 0.6, 0.0]], atol=1e-6)
 
 
+def test_pgd_first_restart_starts_at_the_given_point_clipped_to_the_ball():
+  # The same linear model: with no steps, the start (clipped to the ball) is
+  # returned when it is worse for the label than x.
+  w = np.array([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0]], np.float32)
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+  model.layers[0].set_weights([w])
+  x = tf.constant([[0.5, 0.5, 0.05]])
+  start = tf.constant([[0.0, 0.9, 0.5]])  # outside the ball: clipped
+  adv = attacks.pgd(model, x, tf.constant([0]), 0.1, steps=0, restarts=1,
+                    start=start)
+  np.testing.assert_allclose(adv.numpy(), [[0.4, 0.6, 0.15]], atol=1e-6)
+
+
 def test_interval_attack_stays_in_the_ball_and_never_breaks_verified_points(trained):
   model, x, y = trained
   eps = 0.1
