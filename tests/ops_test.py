@@ -11,6 +11,9 @@ sums (|v| @ |M|^T), so only float32 rounding is allowed.
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -122,3 +125,84 @@ def test_non_mixing_operators_move_single_values(net):
     if not op.mixing:
       nonzero = _matrix(op) != 0
       assert nonzero.sum(0).max() <= 1 and nonzero.sum(1).max() <= 1, what
+
+
+CONV_CASES = [  # (input h, w), kernel (h, w), strides, padding
+    (hw, k, s, pad)
+    for hw in [(7, 7), (8, 5), (14, 14)]
+    for k in [(1, 1), (2, 3), (4, 4), (5, 5)]
+    for s in [(1, 1), (2, 2), (3, 3), (2, 1)]
+    for pad in ["SAME", "VALID"]]
+
+
+def _conv_case(hw, k, s, pad, seed=0):
+  rng = np.random.default_rng(seed)
+  x = tf.constant(rng.normal(size=(2, *hw, 2)), tf.float32)
+  kernel = tf.constant(rng.normal(size=(*k, 2, 3)), tf.float32)
+  v = tf.constant(rng.normal(size=tf.nn.conv2d(x, kernel, s, pad).shape),
+                  tf.float32)
+  return x, kernel, v
+
+
+def _kernel_gradient(x, kernel, v, s, pad) -> np.ndarray:
+  """d<v, conv2d(x, kernel)>/d kernel from forward convolutions only, one basis
+  kernel per entry (TensorFlow's own filter gradient crashes on 1x1 stride 2)."""
+  size = int(np.prod(kernel.shape))
+  basis = tf.reshape(tf.eye(size), [size, *kernel.shape])
+  return np.array([float(tf.reduce_sum(tf.nn.conv2d(x, e, s, pad) * v))
+                   for e in basis]).reshape(kernel.shape)
+
+
+@pytest.mark.parametrize("hw,k,s,pad", CONV_CASES)
+def test_conv2d_transpose_equals_tensorflows(hw, k, s, pad):
+  x, kernel, v = _conv_case(hw, k, s, pad)
+  want = tf.nn.conv2d_transpose(v, kernel, x.shape, s, pad).numpy()
+  got = ops.conv2d_transpose(v, kernel, hw, s, pad).numpy()
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("hw,k,s,pad", CONV_CASES[::3])
+def test_conv2d_and_its_transpose_have_exact_gradients(hw, k, s, pad):
+  """Both custom gradients, with respect to the input and to the kernel."""
+  x, kernel, v = _conv_case(hw, k, s, pad, seed=1)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([x, kernel, v])
+    fwd = tf.reduce_sum(ops.conv2d(x, kernel, s, pad) * v)
+    back = tf.reduce_sum(ops.conv2d_transpose(v, kernel, hw, s, pad) * x)
+  dk = _kernel_gradient(x, kernel, v, s, pad)  # <v, conv x> = <conv^T v, x>
+  scale = np.abs(dk).max()
+  for loss in (fwd, back):
+    np.testing.assert_allclose(tape.gradient(loss, kernel).numpy(), dk, rtol=0,
+                               atol=1e-5 * scale)
+  dx = tf.nn.conv2d_transpose(v, kernel, x.shape, s, pad).numpy()
+  np.testing.assert_allclose(tape.gradient(fwd, x).numpy(), dx, rtol=0,
+                             atol=1e-5 * np.abs(dx).max())
+  dv = tf.nn.conv2d(x, kernel, s, pad).numpy()
+  np.testing.assert_allclose(tape.gradient(back, v).numpy(), dv, rtol=0,
+                             atol=1e-5 * np.abs(dv).max())
+
+
+def test_conv2d_transpose_keeps_its_shape_on_an_empty_batch():
+  """TensorFlow 2.21's oneDNN conv2d returns its input's shape for an empty
+  batch; CROWN transposes empty batches of rows when no neuron is unstable."""
+  kernel = tf.ones((3, 3, 3, 4))
+  run = tf.function(lambda v: ops.conv2d_transpose(v, kernel, (6, 6), (1, 1),
+                                                   "SAME"))
+  for v in (tf.zeros((0, 6, 6, 4)), tf.zeros((2, 6, 6, 4)), tf.zeros((0, 6, 6, 4))):
+    assert ops.conv2d_transpose(v, kernel, (6, 6), (1, 1), "SAME").shape == (
+        v.shape[0], 6, 6, 3)
+    assert run(v).shape == (v.shape[0], 6, 6, 3)
+
+
+def test_conv_transpose_benchmark_times_equal_computations():
+  """benchmarks/conv_transpose.py compares like with like: each pair it times
+  returns the same values (on MNIST_Small's conv2, 3 rows)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import conv_transpose
+  op = [n.op for n in bound_graph(zoo.mnist_small()).nodes
+        if isinstance(n.op, ops.Conv2DOp)][-1]
+  cases = conv_transpose._cases(op, 3)
+  assert [what for what, _, _ in cases] == ["transpose", "conv forward + backward"]
+  for what, theirs, ours in cases:
+    t, o = np.array(theirs()), np.array(ours())
+    np.testing.assert_allclose(o, t, rtol=1e-4, err_msg=what)
