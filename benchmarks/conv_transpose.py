@@ -1,6 +1,6 @@
 r"""Transposed convolutions: `mixtrain_tf.ops.conv2d_transpose` against TensorFlow's.
 
-    python benchmarks/conv_transpose.py [--networks=mnist_small,cifar_small] [--rows=256,2560]
+    python benchmarks/conv_transpose.py [--networks=mnist_small] [--rows=256,2560]
 
 For every Conv2D layer of each network it times, on one thread, in one run:
 
