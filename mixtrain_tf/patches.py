@@ -155,10 +155,10 @@ class LocalPass:
     b, m = tf.shape(a)[0], tf.shape(a)[1]
     kh, kw, c1 = self.window
     ih, iw, c0 = self.in_window
-    a0 = tf.nn.conv2d_transpose(
-        tf.reshape(a, [b * m, kh, kw, c1]), tf.cast(self.conv1.layer.kernel,
-                                                     tf.float32),
-        [b * m, ih, iw, c0], strides=list(self.conv1.strides), padding="VALID")
+    a0 = ops.conv2d_transpose(
+        tf.reshape(a, [b * m, kh, kw, c1]),
+        tf.cast(self.conv1.layer.kernel, tf.float32), (ih, iw),
+        self.conv1.strides, "VALID")
     a0 = tf.reshape(a0, [b, m, ih * iw * c0])
     return (const + tf.reduce_sum(a0 * both(w["centre"]), axis=2)
             + tf.reduce_sum(tf.abs(a0) * both(w["radius"]), axis=2))
