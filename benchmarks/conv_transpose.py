@@ -6,10 +6,12 @@ For every Conv2D layer of each network it times, on one thread, in one run:
 
 * the transpose (CROWN's backward pass, and the input gradient of every bound
   pass): `tf.nn.conv2d_transpose` (TensorFlow's Conv2DBackpropInput kernel)
-  against `ops.conv2d_transpose` (one stride-1 convolution of the kernel's phases,
-  docs/method.md, "Notes on this implementation");
+  against the phase form (one stride-1 convolution of the kernel's phases,
+  docs/method.md, "Notes on this implementation" 13);
 * a convolution's forward and backward pass with respect to input and kernel:
-  `tf.nn.conv2d` against `ops.conv2d` (whose input gradient is the transpose above).
+  `tf.nn.conv2d` against `ops.conv2d`, whose input gradient is
+  `ops.conv2d_transpose`: the phase form where `ops._use_phases` picks it (the
+  "ops uses" column), TensorFlow's kernel elsewhere.
 
 `rows` is the number of images pushed through: a training batch (256) or a batch's
 CROWN rows (10 margins x 256). Prints the median milliseconds and ours / theirs.
@@ -70,9 +72,9 @@ def _cases(op, n: int):
     return run
 
   return [
-      ("transpose", transpose(lambda: tf.nn.conv2d_transpose(
+      ("transpose (phase form)", transpose(lambda: tf.nn.conv2d_transpose(
           v, kernel, (n, *op.in_shape), s, pad)),
-       transpose(lambda: ops.conv2d_transpose(v, kernel, hw, s, pad))),
+       transpose(lambda: ops._phase_transpose(v, kernel, hw, s, pad))),
       ("conv forward + backward", both_gradients(tf.nn.conv2d),
        both_gradients(ops.conv2d)),
   ]
@@ -82,9 +84,9 @@ def main(argv):
   del argv
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.threading.set_inter_op_parallelism_threads(1)
-  print("| network | layer (in -> out, kernel, stride) | rows | what | TensorFlow ms "
-        "| ours ms | ours / TensorFlow |")
-  print("|---|---|---:|---|---:|---:|---:|")
+  print("| network | layer (in -> out, kernel, stride) | ops uses | rows | what | "
+        "TensorFlow ms | ours ms | ours / TensorFlow |")
+  print("|---|---|---|---:|---|---:|---:|---:|")
   for name in FLAGS.networks:
     net = networks.build(name, data.num_classes(DATASET[name]))
     for node in bound_graph(net).nodes:
@@ -95,10 +97,11 @@ def main(argv):
       where = (f"{node.name} ({'x'.join(map(str, op.in_shape))} -> "
                f"{'x'.join(map(str, op.out_shape))}, {k[0]}x{k[1]}, "
                f"{op.strides[0]})")
+      uses = "phases" if ops._use_phases(op.layer.kernel, op.strides) else "TF"
       for n in (int(r) for r in FLAGS.rows):
         for what, theirs, ours in _cases(op, n):
           t, o = _median_ms(theirs, FLAGS.runs), _median_ms(ours, FLAGS.runs)
-          print(f"| {name} | {where} | {n} | {what} | {t:.2f} | {o:.2f} | "
+          print(f"| {name} | {where} | {uses} | {n} | {what} | {t:.2f} | {o:.2f} | "
                 f"{o / t:.2f} |", flush=True)
 
 

@@ -161,17 +161,27 @@ def conv2d_transpose(v: tf.Tensor, kernel: tf.Tensor, in_hw: tuple[int, int],
   """The transpose of `tf.nn.conv2d(x, kernel, strides, padding)` applied to v
   [N, Ho, Wo, out_channels]: [N, *in_hw, in_channels].
 
-  Same values as `tf.nn.conv2d_transpose` (up to the order of float32 sums),
-  computed as one stride-1 convolution (docs/method.md, "Notes on this
-  implementation" 13): input row p = s*a + d takes kernel rows s*m + d only, so
-  the s*s phases d of the input are one convolution of v with the kernel split
-  into s*s sub-kernels of ceil(k/s) taps (zero-padded, flipped), whose channels
-  are then interleaved back into rows and columns. On one CPU core that is 1.4x
-  (16 -> 32 channels) to 3x (one input channel) faster than TensorFlow's
-  Conv2DBackpropInput (benchmarks/conv_transpose.py). Its gradients are a
-  forward convolution and a filter gradient.
+  Where it measured faster on one CPU core (`_use_phases`), it is computed as
+  one stride-1 convolution (docs/method.md, "Notes on this implementation" 13):
+  input row p = s*a + d takes kernel rows s*m + d only, so the s*s phases d of
+  the input are one convolution of v with the kernel split into s*s sub-kernels
+  of ceil(k/s) taps (zero-padded, flipped), whose channels are then interleaved
+  back into rows and columns. Same values as `tf.nn.conv2d_transpose` (up to the
+  order of float32 sums), 2-3x faster into 1-3 channels
+  (benchmarks/conv_transpose.py). Elsewhere it is `tf.nn.conv2d_transpose`. Its
+  gradients are a forward convolution and a filter gradient.
   """
   return _conv2d_transpose(v, kernel, tuple(in_hw), tuple(strides), padding)
+
+
+def _use_phases(kernel: tf.Tensor, strides: tuple[int, int]) -> bool:
+  """The phase form where it beat Conv2DBackpropInput on one CPU core
+  (benchmarks/conv_transpose.py, docs/benchmarks.md): strided convolutions
+  whose input has at most 16 channels (0.4-0.95x its time). With 32 or 64 it
+  took 1.05-1.6x, at stride 1 1.2x. Not on a GPU, where it was not measured."""
+  if getattr(_use_phases, "gpu", None) is None:
+    _use_phases.gpu = bool(tf.config.list_physical_devices("GPU"))
+  return strides != (1, 1) and kernel.shape[2] <= 16 and not _use_phases.gpu
 
 
 def _phase_kernel(kernel: tf.Tensor, strides: tuple[int, int]) -> tf.Tensor:
@@ -226,6 +236,10 @@ def _conv2d_transpose(v, kernel, in_hw, strides, padding):
       dv = tf.nn.conv2d(g, kernel, strides, padding)
       dk = _filter_grad(g, kernel, v, strides, padding)
       return dv, dk
+    if not _use_phases(kernel, strides):
+      n = tf.shape(v)[0]
+      return tf.nn.conv2d_transpose(v, kernel, [n, *in_hw, kernel.shape[2]],
+                                    strides, padding), grad
     # An empty batch (CROWN's rows where no neuron is unstable) skips the
     # convolution: TensorFlow 2.21's oneDNN conv2d returns its input's shape
     # for one.

@@ -157,8 +157,10 @@ def _kernel_gradient(x, kernel, v, s, pad) -> np.ndarray:
 def test_conv2d_transpose_equals_tensorflows(hw, k, s, pad):
   x, kernel, v = _conv_case(hw, k, s, pad)
   want = tf.nn.conv2d_transpose(v, kernel, x.shape, s, pad).numpy()
-  got = ops.conv2d_transpose(v, kernel, hw, s, pad).numpy()
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+  for got in (ops.conv2d_transpose(v, kernel, hw, s, pad),
+              ops._phase_transpose(v, kernel, hw, s, pad)):  # whichever it uses
+    np.testing.assert_allclose(got.numpy(), want, rtol=0,
+                               atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("hw,k,s,pad", CONV_CASES[::3])
@@ -202,7 +204,8 @@ def test_conv_transpose_benchmark_times_equal_computations():
   op = [n.op for n in bound_graph(zoo.mnist_small()).nodes
         if isinstance(n.op, ops.Conv2DOp)][-1]
   cases = conv_transpose._cases(op, 3)
-  assert [what for what, _, _ in cases] == ["transpose", "conv forward + backward"]
+  assert [what for what, _, _ in cases] == ["transpose (phase form)",
+                                            "conv forward + backward"]
   for what, theirs, ours in cases:
     t, o = np.array(theirs()), np.array(ours())
     np.testing.assert_allclose(o, t, rtol=1e-4, err_msg=what)
