@@ -54,7 +54,8 @@ Both libraries get one thread (torch.set_num_threads(1); TF's intra- and inter-o
 pools 1): run the script under `taskset -c 0` so that they share one core equally.
 Times are the median of --runs calls (--steps steps) after --warmup calls; ratios
 (ours / theirs: compute_bounds or the train function against auto_LiRPA) are
-measured within one run.
+measured within one run. Training steps alternate (ours, theirs, ours, ...), so
+a change in the machine's load hits both sides alike.
 """
 
 from __future__ import annotations
@@ -252,6 +253,21 @@ def _median_ms(fn, runs: int, warmup: int) -> tuple[float, object]:
   return 1000 * statistics.median(times), first
 
 
+def _interleaved_ms(fns, runs: int, warmup: int) -> list[float]:
+  """Median wall-clock ms of each of fns, called in turn `runs` times after
+  `warmup` rounds: a change of the machine's load hits both sides alike."""
+  for _ in range(warmup):
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for fn, t in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      t.append(time.perf_counter() - start)
+  return [1000 * statistics.median(t) for t in times]
+
+
 def _compare_bounds(net, tnet, x, eps, method):
   """(ours ms, ours in a tf.function ms or None, theirs ms, max diff, width)."""
   heavy = method in HEAVY
@@ -313,7 +329,7 @@ def _compare_bounds(net, tnet, x, eps, method):
 
 
 def _our_step(net, method, x, y, eps):
-  """(ms per step, first-step loss, how it was timed)."""
+  """(one step, first-step loss, how it was timed)."""
   keras.utils.set_random_seed(0)
   if method in training.TRAINING_METHODS:
     model = training.MixTrainModel(net, method=method, epsilon=eps,
@@ -346,8 +362,7 @@ def _our_step(net, method, x, y, eps):
     def step():
       return float(train(xt, yt))
   loss = step()  # the first step: same weights on both sides
-  ms, _ = _median_ms(step, FLAGS.steps, FLAGS.warmup - 1)
-  return ms, loss, how
+  return step, loss, how
 
 
 def _their_step(tnet, method, x, y, eps):
@@ -372,8 +387,7 @@ def _their_step(tnet, method, x, y, eps):
     return loss.item()
 
   loss = step()  # the first step: same weights on both sides
-  ms, _ = _median_ms(step, FLAGS.steps, FLAGS.warmup - 1)
-  return ms, loss
+  return step, loss
 
 
 def _verify(net, tnet, x, y, eps) -> list[str]:
@@ -472,8 +486,10 @@ def main(argv):
       net_t = networks.build(name, data.num_classes(dataset))
       tnet_t = _torch_network(net_t)
       eps_t = EPSILON[dataset]
-      ours, our_loss, how = _our_step(net_t, method, xt, yt, eps_t)
-      theirs, their_loss = _their_step(tnet_t, method, xt, yt, eps_t)
+      our_fn, our_loss, how = _our_step(net_t, method, xt, yt, eps_t)
+      their_fn, their_loss = _their_step(tnet_t, method, xt, yt, eps_t)
+      ours, theirs = _interleaved_ms([our_fn, their_fn], FLAGS.steps,
+                                     FLAGS.warmup - 1)
       notes.append(f"{name} train {method}: ours = {how}; first loss ours "
                    f"{our_loss:.6f}, auto_LiRPA {their_loss:.6f}")
       rows.append((name, f"train step {method} / {LIRPA_TRAIN[method]} "
