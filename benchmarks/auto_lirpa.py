@@ -54,8 +54,8 @@ Both libraries get one thread (torch.set_num_threads(1); TF's intra- and inter-o
 pools 1): run the script under `taskset -c 0` so that they share one core equally.
 Times are the median of --runs calls (--steps steps) after --warmup calls; ratios
 (ours / theirs: compute_bounds or the train function against auto_LiRPA) are
-measured within one run. Training steps alternate (ours, theirs, ours, ...), so
-a change in the machine's load hits both sides alike.
+measured within one run. Training steps alternate in blocks of 5 (ours, theirs,
+ours, ...), so a change in the machine's load hits both sides alike.
 """
 
 from __future__ import annotations
@@ -253,18 +253,23 @@ def _median_ms(fn, runs: int, warmup: int) -> tuple[float, object]:
   return 1000 * statistics.median(times), first
 
 
-def _interleaved_ms(fns, runs: int, warmup: int) -> list[float]:
-  """Median wall-clock ms of each of fns, called in turn `runs` times after
-  `warmup` rounds: a change of the machine's load hits both sides alike."""
-  for _ in range(warmup):
-    for fn in fns:
+def _interleaved_ms(fns, runs: int, warmup: int, block: int = 5) -> list[float]:
+  """Median wall-clock ms of each of fns over `runs` calls, made in blocks of
+  `block` calls per function in turn (each block after one untimed call), after
+  `warmup` untimed calls each: a change of the machine's load hits both sides
+  alike, and each block runs with its own library's caches warm (calls that
+  alternate one by one slowed both sides, auto_LiRPA's twice as much)."""
+  for fn in fns:
+    for _ in range(warmup):
       fn()
   times = [[] for _ in fns]
-  for _ in range(runs):
+  while len(times[0]) < runs:
     for fn, t in zip(fns, times):
-      start = time.perf_counter()
       fn()
-      t.append(time.perf_counter() - start)
+      for _ in range(min(block, runs - len(t))):
+        start = time.perf_counter()
+        fn()
+        t.append(time.perf_counter() - start)
   return [1000 * statistics.median(t) for t in times]
 
 

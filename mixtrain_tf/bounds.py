@@ -11,17 +11,33 @@ from mixtrain_tf import ops
 
 @dataclasses.dataclass(frozen=True)
 class IntervalBounds:
-  """Elementwise bounds lower <= z <= upper, each [batch, *shape]."""
+  """Elementwise bounds lower <= z <= upper, each [batch, *shape].
+
+  Bounds made by `from_center_radius` keep their centre and radius, so that an
+  affine layer that reads them does not recompute them from lower and upper
+  (four elementwise passes over the layer, and their gradients, in every IBP
+  training step)."""
 
   lower: tf.Tensor
   upper: tf.Tensor
+  kept_center: tf.Tensor | None = dataclasses.field(default=None, repr=False)
+  kept_radius: tf.Tensor | None = dataclasses.field(default=None, repr=False)
+
+  @classmethod
+  def from_center_radius(cls, center: tf.Tensor, radius: tf.Tensor
+                         ) -> "IntervalBounds":
+    return cls(center - radius, center + radius, center, radius)
 
   @property
   def center(self) -> tf.Tensor:
+    if self.kept_center is not None:
+      return self.kept_center
     return (self.lower + self.upper) / 2.0
 
   @property
   def radius(self) -> tf.Tensor:
+    if self.kept_radius is not None:
+      return self.kept_radius
     return (self.upper - self.lower) / 2.0
 
   def concretize(self) -> "IntervalBounds":

@@ -19,9 +19,8 @@ def _add(i, node, ins):
 
 
 def _affine(i, node, ins):
-  c = node.op.affine(ins[0].center)
-  r = node.op.abs_linear(ins[0].radius)
-  return IntervalBounds(c - r, c + r)
+  return IntervalBounds.from_center_radius(node.op.affine(ins[0].center),
+                                           node.op.abs_linear(ins[0].radius))
 
 
 RULES = {ops.ReluOp: _relu, ops.AddOp: _add, ops.AffineOp: _affine}
@@ -70,9 +69,9 @@ def bounds_and_nodes(graph: BoundGraph, lower: tf.Tensor, upper: tf.Tensor,
       center += tf.linalg.matvec(spec, tf.reshape(
           tf.broadcast_to(b, (1,) + tuple(op.out_shape)), [-1]))
     rad = ops.rowdot(tf.abs(rows), pre.radius)
-    return IntervalBounds(center - rad, center + rad), nodes
+    return IntervalBounds.from_center_radius(center, rad), nodes
   nodes = node_bounds(graph, lower, upper)
   out = nodes[-1]
   c = tf.linalg.matvec(spec, ops.flat(out.center))
   r = tf.linalg.matvec(tf.abs(spec), ops.flat(out.radius))
-  return IntervalBounds(c - r, c + r), nodes
+  return IntervalBounds.from_center_radius(c, r), nodes
