@@ -617,8 +617,15 @@ def _callbacks(f, network, splits, out_dir: str, chief: bool):
       paused_seconds=lambda: curve.eval_seconds if curve else 0.0,
       on_resume=(budget.resume,) if budget else ())
   if f.curve_examples and chief:
-    curve = _Curve(network, splits.test.unbatch().take(f.curve_examples).batch(
-        f.eval_batch_size or f.batch_size), f.epsilon, tuple(f.final_methods),
+    # Its own pipeline of the first N test images, read whole every time. Reading
+    # part of the cached test split (take(N)) once left the cache complete with
+    # 517 of 10,000 images, and the final evaluation then ran on those.
+    first = data.load(f.dataset, "test", data_dir=f.data_dir,
+                      batch_size=f.eval_batch_size or f.batch_size,
+                      validation_size=f.validation_size,
+                      max_examples=min(f.curve_examples, f.max_eval_examples
+                                       or f.curve_examples))
+    curve = _Curve(network, first, f.epsilon, tuple(f.final_methods),
         f.curve_every, os.path.join(out_dir, "curve.json"), backup, budget)
     cbs.append(curve)
   cbs.append(backup)

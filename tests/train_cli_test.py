@@ -628,6 +628,9 @@ def test_time_budget_run_stops_by_time_and_writes_a_curve(parse_flags, tmp_path)
     assert set(p["verified"]) == {"interval", "symbolic"}
     assert all(0.0 <= v <= p["clean"] <= 1.0 for v in p["verified"].values())
   assert curve[-1]["train_epsilon"] == pytest.approx(0.125)
+  # The curve reads its own pipeline: the final evaluation still sees every test
+  # example (a partial read of the cached test split once cut it to 517 of 10,000).
+  assert metrics["test"]["examples"] == 4
 
 
 # -- starting from saved weights ----------------------------------------------------
