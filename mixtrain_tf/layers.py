@@ -27,8 +27,9 @@ class InputNormalization(keras.layers.Layer):
                        "length and std must be positive.")
 
   def call(self, inputs):
-    return (inputs - tf.constant(self.mean, inputs.dtype)) / tf.constant(
-        self.std, inputs.dtype)
+    return ops.per_channel(lambda x, m, s: (x - m) / s, inputs,
+                           tf.constant(self.mean, inputs.dtype),
+                           tf.constant(self.std, inputs.dtype))
 
   def compute_output_shape(self, input_shape):
     return input_shape

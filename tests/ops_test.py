@@ -209,3 +209,41 @@ def test_conv_transpose_benchmark_times_equal_computations():
   for what, theirs, ours in cases:
     t, o = np.array(theirs()), np.array(ours())
     np.testing.assert_allclose(o, t, rtol=1e-4, err_msg=what)
+
+
+@pytest.mark.parametrize("const_shape", [(3,), (1, 3), (1, 1, 1, 3), (5, 1, 3), ()])
+def test_per_channel_equals_broadcasting(const_shape):
+  """ops.per_channel(fn, x, *consts) computes fn(x, *consts) exactly, for per-channel,
+  broadcast-shaped, per-position and scalar constants, in eager mode, under a
+  tf.function with an unknown batch, and on an empty batch."""
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(size=(4, 5, 6, 3)), tf.float32)
+  a = tf.constant(rng.uniform(0.5, 2.0, size=const_shape), tf.float32)
+  b = tf.constant(rng.normal(size=const_shape), tf.float32)
+
+  def fn(x, a, b):
+    return (x - b) / a
+
+  want = fn(x, a, b).numpy()
+  np.testing.assert_array_equal(ops.per_channel(fn, x, a, b).numpy(), want)
+  run = tf.function(lambda x: ops.per_channel(fn, x, a, b, shape=(5, 6, 3)),
+                    input_signature=[tf.TensorSpec([None, None, None, 3])])
+  np.testing.assert_array_equal(run(x).numpy(), want)
+  assert run(x[:0]).shape == (0, 5, 6, 3)
+
+
+def test_scale_shift_affine_is_linear_plus_bias():
+  """ScaleShiftOp.affine (one fused pass) equals linear(x) + bias on every zoo
+  network's scale-shift operators."""
+  rng = np.random.default_rng(1)
+  found = 0
+  for make in zoo.RANDOM_NETS.values():
+    for node in bound_graph(make()).nodes:
+      if isinstance(node.op, ops.ScaleShiftOp):
+        op = node.op
+        x = tf.constant(rng.normal(size=(3, *op.in_shape)), tf.float32)
+        want = op.linear(x) + op.bias()
+        np.testing.assert_allclose(op.affine(x).numpy(), want.numpy(), rtol=1e-6,
+                                   atol=1e-6)
+        found += 1
+  assert found >= 2
