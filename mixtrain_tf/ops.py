@@ -51,12 +51,12 @@ def per_channel(fn, x: tf.Tensor, *consts: tf.Tensor, shape=None) -> tf.Tensor:
   x's static shape past the batch), computed on x flattened to rows [N, size].
 
   The same values as fn(x, *consts), faster: TF on CPU broadcasts a short last axis
-  (an image's 3 channels) ~13x slower than a whole row, 6.3 against 0.47 ms for
-  (x - mean) / std on 256 CIFAR-10 images, one core (docs/benchmarks.md).
+  slowly, 4.2 against 0.59 ms for (x - mean) / std on 256 CIFAR-10 images, one
+  core (benchmarks/per_channel.py, docs/benchmarks.md).
   """
   shape = tuple(x.shape[1:]) if shape is None else tuple(shape)
-  if len(shape) < 2 or None in shape:
-    return fn(x, *consts)
+  if len(shape) < 2 or None in shape or shape[-1] == 1:
+    return fn(x, *consts)  # nothing to gain: no short last axis
   rows = []
   for c in consts:
     c = tf.convert_to_tensor(c, x.dtype)

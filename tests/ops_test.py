@@ -247,3 +247,11 @@ def test_scale_shift_affine_is_linear_plus_bias():
                                    atol=1e-6)
         found += 1
   assert found >= 2
+
+
+def test_per_channel_benchmark_times_equal_computations():
+  """benchmarks/per_channel.py's two timed functions return the same values."""
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+  import per_channel
+  theirs, ours = per_channel._cases((5, 6, 3), 4)
+  np.testing.assert_array_equal(ours().numpy(), theirs().numpy())
