@@ -255,6 +255,8 @@ SMOKE_CASES = {
     "cifar_small_mtl_ibp_2": ("cifar_small_mtl_ibp_2", [], SLOW),
     "cifar_small_crown_ibp_2": ("cifar_small_crown_ibp_2", [], SLOW),
     "mnist_small_crown_ibp_eps0.1": ("mnist_small_crown_ibp_eps0.1", [], SLOW),
+    "cifar_small_mtl_ibp_2_long": ("cifar_small_mtl_ibp_2_long", [], SLOW),
+    "mnist_small_mtl_ibp_eps0.1": ("mnist_small_mtl_ibp_eps0.1", [], SLOW),
     "mnist_large_ibp_eps0.3": ("mnist_large_ibp_eps0.3", BIG, SLOW),
     "cifar_large_ibp_2": ("cifar_large_ibp_2", BIG, SLOW),
     "cifar_large_ibp_8": ("cifar_large_ibp_8", BIG, SLOW),
