@@ -335,8 +335,7 @@ class ScaleShiftOp(AffineOp):
   def _linear(self, x):
     return per_channel(tf.multiply, x, self._scale_fn(), shape=self.in_shape)
 
-  def _transpose(self, v):
-    return per_channel(tf.multiply, v, self._scale_fn(), shape=self.in_shape)
+  _transpose = _linear  # a diagonal map is its own transpose
 
   def _abs_linear(self, r):
     return per_channel(tf.multiply, r, tf.abs(self._scale_fn()), shape=self.in_shape)
