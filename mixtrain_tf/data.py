@@ -159,13 +159,7 @@ def load(
     ValueError: Unknown dataset or split, or a bad `validation_size`.
   """
   spec = _spec(name)
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; supported: {', '.join(SPLITS)}")
-  if validation_size < 0:
-    raise ValueError(f"validation_size must be >= 0, got {validation_size}")
-  if split == "validation" and validation_size == 0:
-    raise ValueError("split 'validation' needs validation_size > 0")
-  data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir(name)
+  data_dir = _checked_data_dir(name, split, validation_size, data_dir)
   read = _read_tiny_imagenet if name == "imagenet200" else _read_tfds
   examples = read(name, data_dir, split, validation_size, max_examples, shuffle, seed)
   examples = examples.map(_to_float_image, num_parallel_calls=tf.data.AUTOTUNE)
@@ -176,6 +170,42 @@ def load(
         batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE
     )
   return examples.prefetch(tf.data.AUTOTUNE)
+
+
+def num_examples(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_examples: int | None = None,
+    validation_size: int = 0,
+) -> int:
+  """How many examples `load` yields with the same arguments, without reading them.
+
+  For progress bars with a total (a tf.data pipeline that is batched and re-batched
+  no longer knows its length). Raises as `load` does.
+  """
+  _spec(name)
+  data_dir = _checked_data_dir(name, split, validation_size, data_dir)
+  if name == "imagenet200":
+    official = len(_tiny_imagenet_pairs(name, data_dir, split))
+  else:
+    splits = _tfds_builder(name, data_dir).info.splits
+    official = splits[_tfds_split(split)].num_examples
+  start, stop = _example_range(split, official, validation_size, max_examples, name)
+  return stop - start
+
+
+def _checked_data_dir(name: str, split: str, validation_size: int,
+                      data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
+  """Checks `split` and `validation_size`; returns the data directory to read."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; supported: {', '.join(SPLITS)}")
+  if validation_size < 0:
+    raise ValueError(f"validation_size must be >= 0, got {validation_size}")
+  if split == "validation" and validation_size == 0:
+    raise ValueError("split 'validation' needs validation_size > 0")
+  return pathlib.Path(data_dir) if data_dir is not None else default_data_dir(name)
 
 
 def load_splits(
@@ -244,16 +274,8 @@ def _read_tfds(
     seed: int,
 ) -> tf.data.Dataset:
   """Reads a TFDS split as (uint8 image, label) pairs, cached in memory."""
-  builder = tfds.builder(name, data_dir=os.fspath(data_dir))
-  if not builder.is_prepared():
-    raise DataNotFoundError(
-        f"dataset {name!r} was not found in {data_dir} (no "
-        f"{builder.data_dir}/dataset_info.json). Fix: pass --data_dir or set "
-        f"TFDS_DATA_DIR to a TFDS data directory that holds {name}, or build it "
-        f"offline from the official files: python tools/prepare_data.py --dataset "
-        f"{name} --source DIR_WITH_OFFICIAL_FILES --data_dir {data_dir}"
-    )
-  official = "test" if split == "test" else "train"
+  builder = _tfds_builder(name, data_dir)
+  official = _tfds_split(split)
   start, stop = _example_range(split, builder.info.splits[official].num_examples,
                                validation_size, max_examples, name)
   examples = builder.as_dataset(
@@ -263,6 +285,25 @@ def _read_tfds(
     examples = examples.shuffle(stop - start, seed=seed,
                                 reshuffle_each_iteration=True)
   return examples
+
+
+def _tfds_builder(name: str, data_dir: pathlib.Path):
+  """The prepared TFDS builder of `name` in `data_dir`; DataNotFoundError if absent."""
+  builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+  if not builder.is_prepared():
+    raise DataNotFoundError(
+        f"dataset {name!r} was not found in {data_dir} (no "
+        f"{builder.data_dir}/dataset_info.json). Fix: pass --data_dir or set "
+        f"TFDS_DATA_DIR to a TFDS data directory that holds {name}, or build it "
+        f"offline from the official files: python tools/prepare_data.py --dataset "
+        f"{name} --source DIR_WITH_OFFICIAL_FILES --data_dir {data_dir}"
+    )
+  return builder
+
+
+def _tfds_split(split: str) -> str:
+  """The official TFDS split that `split` is cut from."""
+  return "test" if split == "test" else "train"
 
 
 def _read_tiny_imagenet(
@@ -282,17 +323,7 @@ def _read_tiny_imagenet(
   held-out validation tail covers all classes evenly. The test split is
   `val/images/` with labels from `val/val_annotations.txt`, in that file's order.
   """
-  wnids_path = root / "wnids.txt"
-  if not wnids_path.is_file():
-    raise DataNotFoundError(
-        f"dataset {name!r} (Tiny ImageNet) was not found: {wnids_path} does not "
-        "exist. Fix: pass --data_dir or set TINY_IMAGENET_DIR to the unpacked "
-        "tiny-imagenet-200 folder in its official layout (wnids.txt, "
-        "train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)."
-    )
-  wnids = sorted(set(wnids_path.read_text().split()))
-  pairs = (_tiny_imagenet_test_files(root, wnids) if split == "test"
-           else _tiny_imagenet_train_files(root, wnids))
+  pairs = _tiny_imagenet_pairs(name, root, split)
   start, stop = _example_range(split, len(pairs), validation_size, max_examples,
                                name)
   pairs = pairs[start:stop]
@@ -304,6 +335,21 @@ def _read_tiny_imagenet(
   if shuffle:
     files = files.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True)
   return files.map(_read_jpeg, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tiny_imagenet_pairs(name: str, root: pathlib.Path, split: str) -> list:
+  """(path, label) of the official split that `split` is cut from, in read order."""
+  wnids_path = root / "wnids.txt"
+  if not wnids_path.is_file():
+    raise DataNotFoundError(
+        f"dataset {name!r} (Tiny ImageNet) was not found: {wnids_path} does not "
+        "exist. Fix: pass --data_dir or set TINY_IMAGENET_DIR to the unpacked "
+        "tiny-imagenet-200 folder in its official layout (wnids.txt, "
+        "train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt)."
+    )
+  wnids = sorted(set(wnids_path.read_text().split()))
+  return (_tiny_imagenet_test_files(root, wnids) if split == "test"
+          else _tiny_imagenet_train_files(root, wnids))
 
 
 def _tiny_imagenet_test_files(root: pathlib.Path, wnids: list[str]) -> list:

@@ -181,7 +181,9 @@ def run() -> dict:
         attack_names=tuple(FLAGS.attacks),
         **attacks.pgd_settings(FLAGS.dataset, FLAGS.pgd_steps, FLAGS.pgd_step_size),
         pgd_restarts=FLAGS.restarts,
-        num_examples=FLAGS.num_examples, predict_fn=predict_fn,
+        num_examples=data.num_examples(FLAGS.dataset, "test", data_dir=FLAGS.data_dir,
+                                       max_examples=FLAGS.num_examples),
+        predict_fn=predict_fn,
         margins_fn=margins_fn, alpha_steps=FLAGS.alpha_steps,
         bab_time_limit=FLAGS.bab_time_limit, jit_compile=FLAGS.jit_compile,
         memory_budget_mb=FLAGS.memory_budget_mb)

@@ -646,7 +646,9 @@ def _evaluate_and_export(f, network, splits, metrics: dict, pgd: dict) -> dict:
       test = test.unbatch().batch(f.eval_batch_size)
     result = evaluation.evaluate(
         network, test, f.epsilon, methods=tuple(f.final_methods),
-        attack_names=("pgd",) if f.final_pgd else (), verbose=True, **pgd)
+        attack_names=("pgd",) if f.final_pgd else (), verbose=True,
+        num_examples=data.num_examples(f.dataset, "test", data_dir=f.data_dir,
+                                       max_examples=f.max_eval_examples), **pgd)
     metrics["test"] = result
   if f.export:
     with _step(metrics, metrics_path, "export"):

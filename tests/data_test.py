@@ -100,6 +100,28 @@ def test_load_shapes_dtypes_and_range(name, split):
   assert 0 <= labels.min() and labels.max() < data.num_classes(name)
 
 
+@pytest.mark.parametrize("name", [
+    pytest.param("mnist", marks=needs_tfds_data),
+    pytest.param("imagenet200", marks=needs_tiny_imagenet),
+])
+@pytest.mark.parametrize("split", data.SPLITS)
+@pytest.mark.parametrize("max_examples", [None, 7])
+def test_num_examples_is_the_count_load_yields(name, split, max_examples):
+  kwargs = dict(data_dir=TINY_IMAGENET_DIR if name == "imagenet200" else TFDS_DIR,
+                max_examples=max_examples, validation_size=20)
+  counted = data.num_examples(name, split, **kwargs)
+
+  if name == "mnist" and split == "train" and max_examples is None:
+    assert counted == 60_000 - 20  # reading all of it would slow the suite
+  else:
+    loaded = data.load(name, split, batch_size=1000, **kwargs)
+    assert counted == sum(int(y.shape[0]) for _, y in loaded)
+  if max_examples is not None:
+    assert counted == max_examples
+  with pytest.raises(ValueError, match="validation_size > 0"):
+    data.num_examples(name, "validation", data_dir=kwargs["data_dir"])
+
+
 def test_input_shape_and_num_classes():
   assert [data.input_shape(name) for name in data.DATASETS] == [
       (28, 28, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3)]
