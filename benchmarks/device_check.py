@@ -148,6 +148,11 @@ def _numbers(tokens: list[str]) -> bool:
     return False
 
 
+def _megabytes(b) -> str:
+  """Bytes as MB, or 'n/a' where the allocator kept no statistics (b is None)."""
+  return "n/a" if b is None else f"{b / 1e6:.3g}"
+
+
 def _table(result: dict) -> str:
   rows = ["| step | ok | seconds | result |", "|---|---|---:|---|"]
   for name, step in result["steps"].items():
@@ -166,7 +171,7 @@ def _table(result: dict) -> str:
     elif name == "bounds" and result.get("bounds"):
       what = "; ".join(
           f"{n['network']}: symbolic {n['symbolic']['per_sample_s'] * 1e3:.3g} ms, "
-          f"{n['symbolic'].get('peak_bytes_per_sample', 0) / 1e6:.3g} MB per example"
+          f"{_megabytes(n['symbolic'].get('peak_bytes_per_sample'))} MB per example"
           for n in result["bounds"]["networks"] if "symbolic" in n)
     elif name == "train_step":
       what = "; ".join(" ".join(ln.split()) + "x"
