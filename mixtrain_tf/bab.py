@@ -55,14 +55,27 @@ class Result:
   seconds: float = 0.0
 
 
-def _attack(model, x, y, epsilon, clip, restarts, steps, seed, start=None):
-  """A counterexample in the ball confirmed by a forward pass, or None. `start`
-  (a point of the ball) is where the first restart starts."""
+def compiled_attack(model):
+  """Margin-loss PGD on `model` as one compiled function, to build once per model
+  and pass to `verify_example` (`pgd=`). Run eagerly, 100 steps x 5 restarts took
+  ~7 s per example even on a 2-12-12-3 MLP; compiled, 25 ms after a 2.4 s trace.
+  `steps` goes in as a tensor, so the graph holds one loop rather than every step
+  unrolled (53 s to trace)."""
+  def run(x, y, epsilon, steps, step, restarts, clip, seed, start):
+    return attacks.pgd(lambda z: model(z, training=False), x, y, epsilon, steps,
+                       step, restarts, clip_min=clip[0], clip_max=clip[1],
+                       loss="margin", seed=seed, start=start)
+  return tf.function(run)
+
+
+def _attack(pgd, model, x, y, epsilon, clip, restarts, steps, seed, start=None):
+  """A counterexample in the ball confirmed by a forward pass, or None. `pgd` is
+  `compiled_attack(model)`; `start` (a point of the ball) is where the first
+  restart starts."""
   step = max(epsilon / 4.0, 1e-4)
-  adv = attacks.pgd(lambda z: model(z, training=False), x[None], y[None], epsilon,
-                    steps, step, restarts, clip_min=clip[0], clip_max=clip[1],
-                    loss="margin", seed=tf.constant([seed, 1]),
-                    start=None if start is None else start[None])
+  adv = pgd(tf.constant(x[None]), tf.constant([int(y)]), epsilon,
+            tf.constant(steps), step, restarts, clip, tf.constant([seed, 1]),
+            None if start is None else tf.constant(start[None], tf.float32))
   adv = adv.numpy()[0]
   inside = (np.all(np.abs(adv - x) <= epsilon + 1e-6)
             and np.all(adv >= clip[0]) and np.all(adv <= clip[1]))
@@ -180,19 +193,22 @@ def verify_example(model, x, y, epsilon, clip=(0.0, 1.0), time_limit: float = 30
                    alpha_steps: int = DOMAIN_ALPHA_STEPS,
                    root_alpha_steps: int | None = None,
                    attack_restarts: int = 5, attack_steps: int = 100,
-                   seed: int = 0) -> Result:
+                   seed: int = 0, pgd=None) -> Result:
   """Branch and bound for one example x [*input_shape] with label y.
 
   The whole ball is first bounded by alpha-CROWN (`root_alpha_steps`, default
   `crown.DEFAULT_ALPHA_STEPS`); split domains by alpha- and beta-CROWN with
-  `alpha_steps` (0: plain CROWN, the fastest per domain)."""
+  `alpha_steps` (0: plain CROWN, the fastest per domain). `pgd`: the model's
+  `compiled_attack`, built here when not given (pass one to share its trace
+  across examples)."""
   start = time.perf_counter()
   x = np.asarray(x, np.float32)
-  adv = _attack(model, x, y, epsilon, clip, attack_restarts, attack_steps, seed)
+  pgd = compiled_attack(model) if pgd is None else pgd
+  adv = _attack(pgd, model, x, y, epsilon, clip, attack_restarts, attack_steps, seed)
   if adv is not None:
     return Result("falsified", adv, 0, time.perf_counter() - start)
-  attacker = _Attacker(model, x, y, epsilon, clip, attack_restarts, attack_steps,
-                       seed, time.perf_counter() - start)
+  attacker = _Attacker(pgd, model, x, y, epsilon, clip, attack_restarts,
+                       attack_steps, seed, time.perf_counter() - start)
   bounder = _Bounder(model, x, y, epsilon, clip, alpha_steps)
   sizes = {z: int(np.prod(bounder.graph.nodes[z].op.out_shape))
            for z in bounder.relu_inputs}
@@ -248,7 +264,8 @@ class _Attacker:
   missed counterexamples that other seeds find (2 of the 5 examples of the
   authors' first 200 left unknown at eps 0.3)."""
 
-  def __init__(self, model, x, y, epsilon, clip, restarts, steps, seed, spent):
+  def __init__(self, pgd, model, x, y, epsilon, clip, restarts, steps, seed, spent):
+    self.pgd = pgd
     self.model, self.x, self.y, self.epsilon, self.clip = model, x, y, epsilon, clip
     self.restarts, self.steps, self.seed = restarts, steps, seed
     self.best, self.best_margin = None, -np.inf
@@ -273,8 +290,8 @@ class _Attacker:
       return None
     self.seed += 1
     t = time.perf_counter()
-    adv = _attack(self.model, self.x, self.y, self.epsilon, self.clip, self.restarts,
-                  self.steps, self.seed, self.best)
+    adv = _attack(self.pgd, self.model, self.x, self.y, self.epsilon, self.clip,
+                  self.restarts, self.steps, self.seed, self.best)
     self.since = time.perf_counter()
     self.last = self.since - t
     return adv
@@ -302,5 +319,6 @@ def verify(model, x, y, epsilon, clip_min: float = 0.0, clip_max: float = 1.0,
            time_limit: float = 30.0, **kwargs) -> list[Result]:
   """`verify_example` for every example of x [N, ...], y [N] (checked ball)."""
   api.check_ball(np.asarray(x), epsilon, clip_min, clip_max)
+  kwargs.setdefault("pgd", compiled_attack(model))
   return [verify_example(model, xi, yi, epsilon, (clip_min, clip_max), time_limit,
                          **kwargs) for xi, yi in zip(np.asarray(x), np.asarray(y))]

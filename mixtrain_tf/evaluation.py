@@ -166,8 +166,9 @@ def _bab_verdicts(network, epsilon, time_limit):
     out = []
     for xi, yi, k in zip(x.numpy(), y.numpy(), known):
       out.append(bab.Result(k, None) if k else bab.verify_example(
-          network, xi, yi, float(epsilon), time_limit=time_limit))
+          network, xi, yi, float(epsilon), time_limit=time_limit, pgd=pgd))
     return out
+  pgd = bab.compiled_attack(network)  # one trace for every example
   run.is_bab = True
   return run
 
