@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from bounds import _mb as megabytes  # benchmarks/bounds.py ('n/a' without statistics)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _DEVICE = r"""
@@ -148,11 +150,6 @@ def _numbers(tokens: list[str]) -> bool:
     return False
 
 
-def _megabytes(b) -> str:
-  """Bytes as MB, or 'n/a' where the allocator kept no statistics (b is None)."""
-  return "n/a" if b is None else f"{b / 1e6:.3g}"
-
-
 def _table(result: dict) -> str:
   rows = ["| step | ok | seconds | result |", "|---|---|---:|---|"]
   for name, step in result["steps"].items():
@@ -171,7 +168,7 @@ def _table(result: dict) -> str:
     elif name == "bounds" and result.get("bounds"):
       what = "; ".join(
           f"{n['network']}: symbolic {n['symbolic']['per_sample_s'] * 1e3:.3g} ms, "
-          f"{_megabytes(n['symbolic'].get('peak_bytes_per_sample'))} MB per example"
+          f"{megabytes(n['symbolic'].get('peak_bytes_per_sample'))} MB per example"
           for n in result["bounds"]["networks"] if "symbolic" in n)
     elif name == "train_step":
       what = "; ".join(" ".join(ln.split()) + "x"

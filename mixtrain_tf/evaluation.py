@@ -159,6 +159,8 @@ def _check_invariant(counts, total, attack_names, methods, result) -> None:
 def _bab_verdicts(network, epsilon, time_limit):
   """Branch and bound as a verdict function: returns the bab.Result list; an
   example misclassified at x is its own counterexample ("falsified")."""
+  pgd = bab.compiled_attack(network)  # one trace for every example
+
   def run(x, y, known):
     """known[i]: "verified" or "falsified" when decided before branch and bound
     (another method's proof, a misclassified x, an attack's counterexample),
@@ -168,7 +170,6 @@ def _bab_verdicts(network, epsilon, time_limit):
       out.append(bab.Result(k, None) if k else bab.verify_example(
           network, xi, yi, float(epsilon), time_limit=time_limit, pgd=pgd))
     return out
-  pgd = bab.compiled_attack(network)  # one trace for every example
   run.is_bab = True
   return run
 
